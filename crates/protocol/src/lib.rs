@@ -1,0 +1,440 @@
+//! The host–guest protocol of Vessel.
+//!
+//! This crate owns the wire format between the daemon (host) and
+//! `vessel-init`, the agent that is PID 1 inside every container VM: the
+//! frame layout, the control messages, and the resynchronisation rule used
+//! when the host side of the channel reconnects (for example after a daemon
+//! restart). It is transport-agnostic: it turns messages into bytes and bytes
+//! into messages, and never opens a device, a socket or a file. It must not
+//! depend on any other Vessel crate, so that host and guest share exactly one
+//! definition of the protocol.
+//!
+//! # Frame layout
+//!
+//! ```text
+//! +----------------+--------+-----------------------+
+//! | length: u32 BE | kind:u8| payload (length - 1)  |
+//! +----------------+--------+-----------------------+
+//! ```
+//!
+//! `kind` is one of [`FrameKind`]. Control frames carry a JSON-encoded
+//! [`HostMsg`] or [`GuestMsg`]; data frames carry raw stdio bytes.
+//!
+//! # Resynchronisation
+//!
+//! A byte channel whose host end can disappear (the daemon is killed) may
+//! cut a frame in half. Every time the host connects it first writes
+//! [`SYNC_MAGIC`] followed by a `Hello` frame carrying a random nonce. The
+//! guest, after it has seen its channel close, discards input until it finds
+//! [`SYNC_MAGIC`]. The guest answers `Hello` with [`SYNC_MAGIC`] followed by
+//! the 16 nonce bytes (see [`sync_marker`]); the host discards input until it
+//! finds exactly that marker. Output written by the container cannot forge
+//! the marker because it does not know the nonce.
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes that precede a fresh stream of frames in either direction.
+pub const SYNC_MAGIC: [u8; 8] = *b"VSLSYNC1";
+
+/// Largest payload a frame may carry. Larger data is split by the sender.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+
+/// Name of the virtio-serial port that carries the control channel.
+pub const VIRTIO_PORT_NAME: &str = "vessel.ctl";
+
+/// Default vsock port of the control channel where vsock is the transport.
+pub const VSOCK_PORT: u32 = 1024;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// A JSON-encoded control message.
+    Control = 1,
+    /// Bytes for the process's standard input (host to guest).
+    Stdin = 2,
+    /// Bytes the process wrote to standard output (or to its TTY).
+    Stdout = 3,
+    /// Bytes the process wrote to standard error.
+    Stderr = 4,
+}
+
+impl FrameKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Control),
+            2 => Some(Self::Stdin),
+            3 => Some(Self::Stdout),
+            4 => Some(Self::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What the payload is.
+    pub kind: FrameKind,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Errors of encoding and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The frame header announced an impossible length.
+    #[error("frame length {0} out of range")]
+    BadLength(u32),
+    /// The frame kind byte is unknown.
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+    /// A control payload is not a valid message.
+    #[error("malformed control message: {0}")]
+    BadMessage(#[from] serde_json::Error),
+    /// A payload is larger than [`MAX_PAYLOAD`].
+    #[error("payload of {0} bytes exceeds the frame limit")]
+    TooLarge(usize),
+}
+
+/// Messages from the host to the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMsg {
+    /// First message on every connection. The agent answers with the sync
+    /// marker for `nonce` and then [`GuestMsg::State`].
+    Hello {
+        /// 16 random bytes, hex encoded (32 characters).
+        nonce: String,
+    },
+    /// Prepare the root filesystem and start the container's process.
+    Start(Box<ProcessSpec>),
+    /// The host will send no more standard input.
+    CloseStdin,
+    /// Set the TTY's window size.
+    Resize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// Send a signal to the container's main process.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+    /// The host has recorded the exit: sync disks and power off.
+    Shutdown,
+}
+
+/// Messages from the guest agent to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestMsg {
+    /// Answer to `Hello`: what the agent is doing now.
+    State {
+        /// `uname -r` of the guest kernel.
+        kernel_release: String,
+        /// The state of the container's process.
+        process: ProcessState,
+    },
+    /// The process was started.
+    Started {
+        /// Its PID inside the guest.
+        pid: u32,
+    },
+    /// The process could not be started; nothing is running.
+    StartFailed {
+        /// Docker-style reason, e.g. `exec: "foo": executable file not found in $PATH`.
+        message: String,
+        /// The exit code Docker reports for this failure (126, 127 or 1).
+        exit_code: i32,
+    },
+    /// The process ended and all its output has been sent before this message.
+    Exited {
+        /// Exit status; 128 + signal number when killed by a signal.
+        exit_code: i32,
+        /// The kernel's OOM killer ended the process.
+        oom_killed: bool,
+    },
+    /// The agent could not do what was asked (not fatal for the VM).
+    Error {
+        /// Description.
+        message: String,
+    },
+}
+
+/// State of the container process as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ProcessState {
+    /// Nothing started yet: the agent waits for `Start`.
+    Idle,
+    /// The process runs.
+    Running {
+        /// Its PID inside the guest.
+        pid: u32,
+    },
+    /// The process ended; the exit has not been acknowledged with `Shutdown`.
+    Exited {
+        /// Exit status.
+        exit_code: i32,
+        /// Killed by the OOM killer.
+        oom_killed: bool,
+    },
+}
+
+/// Everything the agent needs to run the container's process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ProcessSpec {
+    /// argv; `args[0]` is looked up in the container's `PATH` when it has no `/`.
+    pub args: Vec<String>,
+    /// Environment as `KEY=VALUE`. The agent adds `PATH`, `HOSTNAME` and
+    /// `HOME` when absent, as Docker does.
+    pub env: Vec<String>,
+    /// Working directory inside the container; created when missing.
+    pub cwd: String,
+    /// User as Docker accepts it: empty, `name`, `uid`, `name:group`,
+    /// `uid:gid`; names are resolved from the container's `/etc/passwd` and
+    /// `/etc/group`.
+    pub user: String,
+    /// Hostname of the guest.
+    pub hostname: String,
+    /// Allocate a pseudo-terminal for the process.
+    pub tty: bool,
+    /// Keep standard input open (otherwise it is `/dev/null`).
+    pub open_stdin: bool,
+    /// Initial TTY size (rows, cols), if known.
+    pub tty_size: Option<(u16, u16)>,
+    /// Block devices to assemble the root filesystem from.
+    pub rootfs: RootfsSpec,
+    /// Extra lines for `/etc/hosts` (`IP NAME...`).
+    pub extra_hosts: Vec<String>,
+}
+
+/// How the guest builds the container's root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// Read-only device holding the image's filesystem (ext4), e.g. `/dev/vda`.
+    pub image_device: String,
+    /// Writable device holding the container's own layer (ext4), e.g. `/dev/vdb`.
+    pub upper_device: String,
+}
+
+impl Default for RootfsSpec {
+    fn default() -> Self {
+        Self { image_device: "/dev/vda".into(), upper_device: "/dev/vdb".into() }
+    }
+}
+
+/// Encodes one frame. Fails when the payload is over [`MAX_PAYLOAD`].
+pub fn encode(kind: FrameKind, payload: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(payload.len()));
+    }
+    let len = u32::try_from(payload.len() + 1).map_err(|_| ProtocolError::TooLarge(payload.len()))?;
+    let mut out = Vec::with_capacity(payload.len() + 5);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Encodes a control message from the host.
+pub fn encode_host(msg: &HostMsg) -> Result<Vec<u8>, ProtocolError> {
+    encode(FrameKind::Control, &serde_json::to_vec(msg)?)
+}
+
+/// Encodes a control message from the guest.
+pub fn encode_guest(msg: &GuestMsg) -> Result<Vec<u8>, ProtocolError> {
+    encode(FrameKind::Control, &serde_json::to_vec(msg)?)
+}
+
+/// Encodes data, splitting it into as many frames as needed.
+pub fn encode_data(kind: FrameKind, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 5 * (data.len() / MAX_PAYLOAD + 1));
+    for chunk in data.chunks(MAX_PAYLOAD) {
+        let len = (chunk.len() + 1) as u32;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.push(kind as u8);
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// Parses the payload of a control frame sent by the host.
+pub fn decode_host(payload: &[u8]) -> Result<HostMsg, ProtocolError> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// Parses the payload of a control frame sent by the guest.
+pub fn decode_guest(payload: &[u8]) -> Result<GuestMsg, ProtocolError> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// The marker the guest sends in answer to `Hello { nonce }`.
+///
+/// Returns `None` when `nonce` is not 32 hex characters.
+pub fn sync_marker(nonce: &str) -> Option<Vec<u8>> {
+    if nonce.len() != 32 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = SYNC_MAGIC.to_vec();
+    for i in 0..16 {
+        let byte = u8::from_str_radix(&nonce[2 * i..2 * i + 2], 16).ok()?;
+        out.push(byte);
+    }
+    Some(out)
+}
+
+/// Incremental frame decoder with resynchronisation.
+///
+/// Feed bytes with [`Decoder::push`], take frames with [`Decoder::next_frame`].
+/// While a sync marker is expected, every byte before it is discarded.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    expect: Option<Vec<u8>>,
+}
+
+impl Decoder {
+    /// A decoder that starts in frame mode.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Discards buffered bytes and everything that follows until `marker`.
+    pub fn resync(&mut self, marker: Vec<u8>) {
+        self.buf.clear();
+        self.expect = Some(marker);
+    }
+
+    /// Whether the decoder still waits for its sync marker.
+    pub fn syncing(&self) -> bool {
+        self.expect.is_some()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if let Some(marker) = &self.expect {
+            if let Some(pos) = find(&self.buf, marker) {
+                self.buf.drain(..pos + marker.len());
+                self.expect = None;
+            } else {
+                // Keep only a tail that could still be the start of the marker.
+                let keep = marker.len().saturating_sub(1).min(self.buf.len());
+                let cut = self.buf.len() - keep;
+                self.buf.drain(..cut);
+            }
+        }
+    }
+
+    /// Returns the next complete frame, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        if self.expect.is_some() || self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        if len == 0 || len as usize > MAX_PAYLOAD + 1 {
+            return Err(ProtocolError::BadLength(len));
+        }
+        let total = 4 + len as usize;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let kind = FrameKind::from_u8(self.buf[4]).ok_or(ProtocolError::BadKind(self.buf[4]))?;
+        let payload = self.buf[5..total].to_vec();
+        self.buf.drain(..total);
+        Ok(Some(Frame { kind, payload }))
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || haystack.len() < needle.len() {
+        return None;
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Docker's default `PATH` when the image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_control_and_data() {
+        let mut bytes = encode_host(&HostMsg::Resize { rows: 24, cols: 80 }).expect("encode");
+        bytes.extend(encode_data(FrameKind::Stdin, b"hello"));
+        let mut d = Decoder::new();
+        // Feed one byte at a time: frames must come out whole.
+        let mut frames = vec![];
+        for b in &bytes {
+            d.push(std::slice::from_ref(b));
+            while let Some(f) = d.next_frame().expect("decode") {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(decode_host(&frames[0].payload).expect("msg"), HostMsg::Resize { rows: 24, cols: 80 });
+        assert_eq!(frames[1], Frame { kind: FrameKind::Stdin, payload: b"hello".to_vec() });
+    }
+
+    #[test]
+    fn large_data_is_split() {
+        let data = vec![7u8; MAX_PAYLOAD * 2 + 3];
+        let bytes = encode_data(FrameKind::Stdout, &data);
+        let mut d = Decoder::new();
+        d.push(&bytes);
+        let mut got = vec![];
+        while let Some(f) = d.next_frame().expect("decode") {
+            assert_eq!(f.kind, FrameKind::Stdout);
+            got.extend(f.payload);
+        }
+        assert_eq!(got, data);
+        assert!(encode(FrameKind::Stdout, &data).is_err());
+    }
+
+    #[test]
+    fn resync_skips_garbage_and_forged_frames() {
+        let nonce = "00112233445566778899aabbccddeeff";
+        let marker = sync_marker(nonce).expect("marker");
+        let mut d = Decoder::new();
+        d.resync(marker.clone());
+        // The tail of a frame cut in half, then a forged frame that does not
+        // know the nonce, then the real marker and a real frame.
+        let mut bytes = vec![1, 2, 3];
+        bytes.extend(SYNC_MAGIC);
+        bytes.extend(encode_guest(&GuestMsg::Exited { exit_code: 0, oom_killed: false }).expect("enc"));
+        bytes.extend(&marker);
+        bytes.extend(encode_guest(&GuestMsg::Started { pid: 9 }).expect("enc"));
+        for chunk in bytes.chunks(3) {
+            d.push(chunk);
+        }
+        let f = d.next_frame().expect("decode").expect("frame");
+        assert_eq!(decode_guest(&f.payload).expect("msg"), GuestMsg::Started { pid: 9 });
+        assert!(d.next_frame().expect("decode").is_none());
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let mut d = Decoder::new();
+        d.push(&[0, 0, 0, 0, 1]);
+        assert!(matches!(d.next_frame(), Err(ProtocolError::BadLength(0))));
+        let mut d = Decoder::new();
+        d.push(&[0, 0, 0, 2, 99, 0]);
+        assert!(matches!(d.next_frame(), Err(ProtocolError::BadKind(99))));
+        assert!(decode_host(b"{\"type\":\"nope\"}").is_err());
+        assert!(sync_marker("xyz").is_none());
+    }
+
+    #[test]
+    fn messages_have_a_stable_json_shape() {
+        let json = serde_json::to_string(&HostMsg::Signal { signal: 15 }).expect("json");
+        assert_eq!(json, r#"{"type":"signal","signal":15}"#);
+        let json = serde_json::to_string(&ProcessState::Running { pid: 3 }).expect("json");
+        assert_eq!(json, r#"{"state":"running","pid":3}"#);
+    }
+}
