@@ -1,1 +1,914 @@
-//! placeholder
+//! The Docker Engine API layer of Vessel.
+//!
+//! Owns HTTP: routes, API version negotiation, request parsing, the mapping
+//! of engine errors to Docker's status codes and `{"message": …}` bodies, and
+//! Docker's stream formats (hijacked attach with multiplexed or raw streams,
+//! chunked JSON progress, log streams). Models are `bollard-stubs` types.
+//!
+//! It must not hold state of its own or make decisions about containers:
+//! every request is translated into one engine call.
+
+pub mod stream;
+pub mod version;
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use axum::Router;
+use bollard_stubs::models::{
+    ContainerCreateBody, ContainerCreateResponse, ContainerWaitResponse, ImageDeleteResponseItem,
+    ImageInspect, ImageInspectRootFs, ImageSummary, Runtime, SystemInfo, SystemVersion,
+    SystemVersionComponents, SystemVersionPlatform,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+use vessel_engine::{Engine, EngineError, LogsOptions, Output, WaitCondition};
+
+use crate::stream::{frame, StreamId, MULTIPLEXED, RAW};
+use crate::version::{split, Versioned};
+
+/// Version of this Vessel build.
+pub const VESSEL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error as Docker sends it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let status = match &e {
+            EngineError::NotFound(_) => StatusCode::NOT_FOUND,
+            EngineError::Conflict(_) => StatusCode::CONFLICT,
+            EngineError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            EngineError::NotModified => StatusCode::NOT_MODIFIED,
+            EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<vessel_image::Error> for ApiError {
+    fn from(e: vessel_image::Error) -> Self {
+        EngineError::from(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status == StatusCode::NOT_MODIFIED {
+            return StatusCode::NOT_MODIFIED.into_response();
+        }
+        if self.status.is_server_error() {
+            warn!(status = %self.status, "{}", self.message);
+        } else {
+            debug!(status = %self.status, "{}", self.message);
+        }
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "message": self.message })),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Query parameters, repeated keys kept.
+#[derive(Debug, Default)]
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn of(uri: &axum::http::Uri) -> Self {
+        Query(
+            uri.query()
+                .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+                .unwrap_or_default(),
+        )
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+    fn all(&self, k: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+    /// Docker's boolean form values: 1/true/True are true; empty, 0, false are false.
+    fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some(v) if !matches!(v, "" | "0" | "false" | "False" | "FALSE"))
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Engine,
+}
+
+/// Builds the service: version negotiation in front of the routes.
+pub fn service(engine: Engine) -> Router {
+    let routes = Router::new()
+        .route("/_ping", get(ping).head(ping))
+        .route("/version", get(version))
+        .route("/info", get(info))
+        .route("/images/json", get(images_list))
+        .route("/images/load", post(images_load))
+        .route("/images/create", post(images_create))
+        .route("/images/{*rest}", any(images_dispatch))
+        .route("/containers/json", get(containers_list))
+        .route("/containers/create", post(container_create))
+        .route("/containers/{id}/json", get(container_inspect))
+        .route("/containers/{id}/start", post(container_start))
+        .route("/containers/{id}/stop", post(container_stop))
+        .route("/containers/{id}/restart", post(container_restart))
+        .route("/containers/{id}/kill", post(container_kill))
+        .route("/containers/{id}/wait", post(container_wait))
+        .route("/containers/{id}/resize", post(container_resize))
+        .route("/containers/{id}/attach", post(container_attach))
+        .route("/containers/{id}/logs", get(container_logs))
+        .route("/containers/{id}", delete(container_remove))
+        .fallback(not_found)
+        .with_state(AppState { engine });
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn(negotiate))
+}
+
+async fn negotiate(mut req: Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path().to_string();
+    match split(&path) {
+        Versioned::Reject(msg) => ApiError::bad(msg).into_response(),
+        Versioned::Ok { path: new_path, .. } => {
+            if new_path != path {
+                let pq = match req.uri().query() {
+                    Some(q) => format!("{new_path}?{q}"),
+                    None => new_path,
+                };
+                let mut parts = req.uri().clone().into_parts();
+                parts.path_and_query = pq.parse().ok();
+                if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+            debug!(method = %req.method(), path = %req.uri(), "request");
+            let mut resp = next.run(req).await;
+            let h = resp.headers_mut();
+            h.insert("Api-Version", HeaderValue::from_static("1.50"));
+            h.insert("Ostype", HeaderValue::from_static("linux"));
+            h.insert("Docker-Experimental", HeaderValue::from_static("false"));
+            if let Ok(v) = HeaderValue::from_str(&format!("Vessel/{VESSEL_VERSION} (linux)")) {
+                h.insert(header::SERVER, v);
+            }
+            resp
+        }
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("page not found: {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn ping(method: Method) -> Response {
+    let mut h = HeaderMap::new();
+    h.insert("Builder-Version", HeaderValue::from_static("1"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store, must-revalidate"),
+    );
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if method == Method::HEAD {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        return (StatusCode::OK, h).into_response();
+    }
+    (StatusCode::OK, h, "OK").into_response()
+}
+
+fn host_kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn version(State(s): State<AppState>) -> axum::Json<SystemVersion> {
+    let f = s.engine.facts();
+    let mut details = HashMap::new();
+    details.insert("ApiVersion".to_string(), "1.50".to_string());
+    details.insert("MinAPIVersion".to_string(), "1.24".to_string());
+    details.insert("Os".to_string(), "linux".to_string());
+    details.insert("Arch".to_string(), "amd64".to_string());
+    details.insert("Hypervisor".to_string(), f.hypervisor.clone());
+    details.insert("GuestKernel".to_string(), f.guest_kernel.clone());
+    axum::Json(SystemVersion {
+        platform: Some(SystemVersionPlatform {
+            name: format!("Vessel {VESSEL_VERSION}"),
+        }),
+        components: Some(vec![SystemVersionComponents {
+            name: "Engine".into(),
+            version: VESSEL_VERSION.into(),
+            details: Some(details),
+        }]),
+        version: Some(VESSEL_VERSION.into()),
+        api_version: Some("1.50".into()),
+        min_api_version: Some("1.24".into()),
+        git_commit: Some(option_env!("VESSEL_GIT_COMMIT").unwrap_or("unknown").into()),
+        go_version: Some(format!("rust (vessel {VESSEL_VERSION})")),
+        os: Some("linux".into()),
+        arch: Some("amd64".into()),
+        kernel_version: Some(host_kernel()),
+        experimental: Some(false),
+        build_time: None,
+    })
+}
+
+async fn info(State(s): State<AppState>) -> axum::Json<SystemInfo> {
+    let f = s.engine.facts();
+    let runtime = format!("vessel-qemu-{}", f.accel.as_str());
+    let mut runtimes = HashMap::new();
+    runtimes.insert(
+        runtime.clone(),
+        Runtime {
+            path: Some(f.hypervisor.clone()),
+            ..Default::default()
+        },
+    );
+    let (mem_total, ncpu) = host_resources();
+    axum::Json(SystemInfo {
+        id: Some("vessel".into()),
+        containers: Some(f.containers as i64),
+        containers_running: Some(f.running as i64),
+        containers_paused: Some(0),
+        containers_stopped: Some(f.stopped as i64),
+        images: Some(f.images as i64),
+        driver: Some("vessel-overlay".into()),
+        driver_status: Some(vec![
+            vec![
+                "Backing Filesystem".into(),
+                "ext4 disk per image + qcow2 writable layer per container".into(),
+            ],
+            vec!["Hypervisor".into(), f.hypervisor.clone()],
+            vec!["Acceleration".into(), f.accel.as_str().into()],
+            vec!["Acceleration Reason".into(), f.accel_reason.clone()],
+            vec!["Guest Kernel".into(), f.guest_kernel.clone()],
+            vec![
+                "Default VM Memory".into(),
+                format!("{} MiB", f.default_memory_mib),
+            ],
+        ]),
+        docker_root_dir: Some(f.data_root.display().to_string()),
+        memory_limit: Some(true),
+        swap_limit: Some(false),
+        cpu_cfs_period: Some(false),
+        cpu_cfs_quota: Some(false),
+        cpu_shares: Some(false),
+        cpu_set: Some(false),
+        pids_limit: Some(false),
+        oom_kill_disable: Some(false),
+        ipv4_forwarding: Some(false),
+        debug: Some(false),
+        logging_driver: Some("json-file".into()),
+        kernel_version: Some(host_kernel()),
+        operating_system: Some(format!("Vessel {VESSEL_VERSION} ({})", f.hypervisor)),
+        os_version: Some(VESSEL_VERSION.into()),
+        os_type: Some("linux".into()),
+        architecture: Some("x86_64".into()),
+        ncpu: Some(ncpu),
+        mem_total: Some(mem_total),
+        index_server_address: Some("https://index.docker.io/v1/".into()),
+        name: Some(
+            std::fs::read_to_string("/etc/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        ),
+        labels: Some(vec![format!("vessel.accel={}", f.accel.as_str())]),
+        experimental_build: Some(false),
+        server_version: Some(VESSEL_VERSION.into()),
+        runtimes: Some(runtimes),
+        default_runtime: Some(runtime),
+        live_restore_enabled: Some(true),
+        security_options: Some(vec!["name=vm-isolation".into()]),
+        ..Default::default()
+    })
+}
+
+fn host_resources() -> (i64, i64) {
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<i64>().ok())
+                })
+        })
+        .unwrap_or(0)
+        * 1024;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as i64)
+        .unwrap_or(1);
+    (mem, cpus)
+}
+
+// ---------------------------------------------------------------- images
+
+fn rfc3339_to_unix(t: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .map(|t| t.timestamp())
+        .unwrap_or(0)
+}
+
+async fn images_list(State(s): State<AppState>) -> axum::Json<Vec<ImageSummary>> {
+    let images = s.engine.images();
+    let list = tokio::task::spawn_blocking(move || images.list())
+        .await
+        .unwrap_or_default();
+    axum::Json(
+        list.into_iter()
+            .map(|i| ImageSummary {
+                containers: s.engine.image_users(&i.id).len() as i64,
+                id: i.id,
+                parent_id: String::new(),
+                repo_tags: i.repo_tags,
+                repo_digests: i.repo_digests,
+                created: rfc3339_to_unix(&i.created),
+                size: i.size as i64,
+                shared_size: -1,
+                labels: i.config.labels.into_iter().collect(),
+                manifests: None,
+                descriptor: None,
+            })
+            .collect(),
+    )
+}
+
+async fn images_dispatch(
+    State(s): State<AppState>,
+    Path(rest): Path<String>,
+    req: Request,
+) -> Response {
+    let method = req.method().clone();
+    let q = Query::of(req.uri());
+    let r = if method == Method::GET {
+        match rest.strip_suffix("/json") {
+            Some(name) => image_inspect(&s, name).await,
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("page not found: {}", req.uri().path()),
+            )),
+        }
+    } else if method == Method::DELETE {
+        image_remove(&s, &rest, &q).await
+    } else if method == Method::POST {
+        match rest.strip_suffix("/tag") {
+            Some(name) => image_tag(&s, name, &q).await,
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("page not found: {}", req.uri().path()),
+            )),
+        }
+    } else {
+        Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+        ))
+    };
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn image_inspect(s: &AppState, name: &str) -> ApiResult<Response> {
+    let images = s.engine.images();
+    let n = name.to_string();
+    let i = tokio::task::spawn_blocking(move || images.resolve(&n))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let config = i
+        .raw_config
+        .get("config")
+        .cloned()
+        .and_then(|c| serde_json::from_value(c).ok());
+    let doc = ImageInspect {
+        id: Some(i.id.clone()),
+        repo_tags: Some(i.repo_tags.clone()),
+        repo_digests: Some(i.repo_digests.clone()),
+        comment: Some(i.config.comment.clone()),
+        created: Some(i.created.clone()),
+        author: Some(i.config.author.clone()),
+        config,
+        architecture: Some(i.config.architecture.clone()),
+        variant: i.config.variant.clone(),
+        os: Some(i.config.os.clone()),
+        size: Some(i.size as i64),
+        root_fs: Some(ImageInspectRootFs {
+            typ: "layers".into(),
+            layers: Some(i.layers.clone()),
+        }),
+        ..Default::default()
+    };
+    Ok(axum::Json(doc).into_response())
+}
+
+async fn image_tag(s: &AppState, name: &str, q: &Query) -> ApiResult<Response> {
+    let repo = q.get("repo").unwrap_or("").to_string();
+    let tag = q.get("tag").unwrap_or("").to_string();
+    let target = if tag.is_empty() {
+        repo
+    } else {
+        format!("{repo}:{tag}")
+    };
+    let images = s.engine.images();
+    let n = name.to_string();
+    tokio::task::spawn_blocking(move || images.tag(&n, &target))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+async fn image_remove(s: &AppState, name: &str, q: &Query) -> ApiResult<Response> {
+    let force = q.flag("force");
+    let images = s.engine.images();
+    let engine = s.engine.clone();
+    let n = name.to_string();
+    let items =
+        tokio::task::spawn_blocking(move || images.remove(&n, force, &|id| engine.image_users(id)))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let out: Vec<ImageDeleteResponseItem> = items
+        .into_iter()
+        .map(|i| match i {
+            vessel_image::DeleteItem::Untagged(t) => ImageDeleteResponseItem {
+                untagged: Some(t),
+                deleted: None,
+            },
+            vessel_image::DeleteItem::Deleted(d) => ImageDeleteResponseItem {
+                untagged: None,
+                deleted: Some(d),
+            },
+        })
+        .collect();
+    Ok(axum::Json(out).into_response())
+}
+
+/// A blocking reader over a request body, for the image store.
+fn body_reader(body: Body) -> impl Read + Send + 'static {
+    let stream = body
+        .into_data_stream()
+        .map(|r| r.map_err(std::io::Error::other));
+    tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream))
+}
+
+fn json_lines(lines: Vec<serde_json::Value>) -> Response {
+    let mut body = Vec::new();
+    for l in lines {
+        body.extend(serde_json::to_vec(&l).unwrap_or_default());
+        body.push(b'\n');
+    }
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn images_load(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    let images = s.engine.images();
+    let reader = body_reader(req.into_body());
+    let lines = tokio::task::spawn_blocking(move || images.load(reader))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(json_lines(
+        lines
+            .into_iter()
+            .map(|l| serde_json::json!({ "stream": format!("{l}\n") }))
+            .collect(),
+    ))
+}
+
+async fn images_create(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    if let Some(image) = q.get("fromImage") {
+        let tag = q.get("tag").unwrap_or("latest");
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("pull access denied for {image}:{tag}: this Vessel daemon has no registry configured (load or import the image instead)"),
+        ));
+    }
+    if q.get("fromSrc") != Some("-") {
+        return Err(ApiError::bad("importing from a URL is not supported; send the archive as the request body (fromSrc=-)"));
+    }
+    let repo = q.get("repo").unwrap_or("").to_string();
+    let tag = q.get("tag").unwrap_or("").to_string();
+    let reference = match (repo.is_empty(), tag.is_empty()) {
+        (true, _) => None,
+        (false, true) => Some(repo),
+        (false, false) => Some(format!("{repo}:{tag}")),
+    };
+    let changes = q.all("changes");
+    let message = q.get("message").unwrap_or("").to_string();
+    let images = s.engine.images();
+    let reader = body_reader(req.into_body());
+    let id = tokio::task::spawn_blocking(move || {
+        images.import(reader, reference.as_deref(), &changes, &message)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(json_lines(vec![serde_json::json!({ "status": id })]))
+}
+
+// ------------------------------------------------------------ containers
+
+async fn containers_list(State(s): State<AppState>, req: Request) -> Response {
+    let q = Query::of(req.uri());
+    let mut list = s.engine.list(q.flag("all"));
+    if let Some(n) = q
+        .get("limit")
+        .and_then(|l| l.parse::<i64>().ok())
+        .filter(|n| *n > 0)
+    {
+        list.truncate(n as usize);
+    }
+    axum::Json(list).into_response()
+}
+
+async fn container_create(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let bytes = axum::body::to_bytes(req.into_body(), 16 * 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::bad(format!("reading request body: {e}")))?;
+    let body: ContainerCreateBody =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))?;
+    let id = s.engine.create(q.get("name"), body).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(ContainerCreateResponse {
+            id,
+            warnings: vec![],
+        }),
+    )
+        .into_response())
+}
+
+async fn container_inspect(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.engine.inspect(&id)?).into_response())
+}
+
+async fn container_start(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.engine.start(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn stop_args(q: &Query) -> ApiResult<Option<i64>> {
+    q.get("t")
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<i64>()
+                .map_err(|_| ApiError::bad(format!("invalid value for t: {t}")))
+        })
+        .transpose()
+}
+
+async fn container_stop(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    s.engine.stop(&id, stop_args(&q)?, q.get("signal")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn container_restart(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    match s.engine.stop(&id, stop_args(&q)?, q.get("signal")).await {
+        Ok(()) | Err(EngineError::NotModified) => {}
+        Err(e) => return Err(e.into()),
+    }
+    s.engine.start(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn container_kill(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    s.engine
+        .kill(&id, q.get("signal").unwrap_or("KILL"))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn container_remove(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    s.engine.remove(&id, q.flag("force")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn container_wait(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let cond = match q.get("condition").unwrap_or("") {
+        "" | "not-running" => WaitCondition::NotRunning,
+        "next-exit" => WaitCondition::NextExit,
+        "removed" => WaitCondition::Removed,
+        other => return Err(ApiError::bad(format!("invalid condition: \"{other}\""))),
+    };
+    let fut = s.engine.wait(&id, cond)?;
+    // Headers go out at once (the CLI waits for them before starting the
+    // container); the body follows when the condition is met.
+    let body = futures::stream::once(async move {
+        let code = fut.await;
+        let mut v = serde_json::to_vec(&ContainerWaitResponse {
+            status_code: code,
+            error: None,
+        })
+        .unwrap_or_default();
+        v.push(b'\n');
+        Ok::<_, std::io::Error>(Bytes::from(v))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+async fn container_resize(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    let parse = |k: &str| -> ApiResult<u16> {
+        q.get(k)
+            .unwrap_or("0")
+            .parse::<u16>()
+            .map_err(|_| ApiError::bad(format!("invalid {k}: {}", q.get(k).unwrap_or(""))))
+    };
+    s.engine.resize(&id, parse("h")?, parse("w")?).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn container_logs(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let stdout = q.flag("stdout");
+    let stderr = q.flag("stderr");
+    if !stdout && !stderr {
+        return Err(ApiError::bad(
+            "Bad parameters: you must choose at least one stream",
+        ));
+    }
+    let tail = match q.get("tail") {
+        None | Some("") | Some("all") => None,
+        Some(t) => Some(
+            t.parse::<usize>()
+                .map_err(|_| ApiError::bad(format!("invalid tail value: {t}")))?,
+        ),
+    };
+    let time = |k: &str| -> ApiResult<Option<f64>> {
+        match q.get(k) {
+            None | Some("") | Some("0") => Ok(None),
+            Some(v) => v
+                .parse::<f64>()
+                .map(Some)
+                .map_err(|_| ApiError::bad(format!("invalid value for {k}: {v}"))),
+        }
+    };
+    let opts = LogsOptions {
+        stdout,
+        stderr,
+        follow: q.flag("follow"),
+        tail,
+        since: time("since")?,
+        until: time("until")?,
+    };
+    let timestamps = q.flag("timestamps");
+    let (tty, rx) = s.engine.logs(&id, opts)?;
+    let body = tokio_stream_from(rx).map(move |e| {
+        let mut text = Vec::new();
+        if timestamps {
+            text.extend_from_slice(e.time.as_bytes());
+            text.push(b' ');
+        }
+        text.extend_from_slice(e.log.as_bytes());
+        let out = if tty {
+            text
+        } else {
+            frame(
+                if e.stream == "stderr" {
+                    StreamId::Stderr
+                } else {
+                    StreamId::Stdout
+                },
+                &text,
+            )
+        };
+        Ok::<_, std::io::Error>(Bytes::from(out))
+    });
+    let ct = if tty { RAW } else { MULTIPLEXED };
+    Ok(([(header::CONTENT_TYPE, ct)], Body::from_stream(body)).into_response())
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn container_attach(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    mut req: Request,
+) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let (cid, mut att) = s.engine.attach(&id)?;
+    let rec = s.engine.record(&cid)?;
+    if rec.state.status == vessel_engine::Status::Exited && !q.flag("logs") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "You cannot attach to a stopped container, start it first",
+        ));
+    }
+    let want_stdin = q.flag("stdin") && rec.config.open_stdin.unwrap_or(false);
+    let want_stdout = q.flag("stdout");
+    let want_stderr = q.flag("stderr");
+    let tty = att.tty;
+    let upgrading = req.headers().get(header::UPGRADE).is_some();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let engine = s.engine.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!("attach upgrade failed: {e}");
+                return;
+            }
+        };
+        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        let stdin_task = want_stdin.then(|| {
+            let engine = engine.clone();
+            let cid = cid.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = engine.close_stdin(&cid).await;
+                            break;
+                        }
+                        Ok(n) => {
+                            if engine.write_stdin(&cid, &buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        });
+        loop {
+            let item = match att.output.recv().await {
+                Ok(o) => o,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(%cid, "attach client fell behind; {n} output chunks dropped");
+                    continue;
+                }
+                Err(_) => break,
+            };
+            let bytes = match item {
+                Output::Stdout(b) if want_stdout => {
+                    if tty {
+                        b.to_vec()
+                    } else {
+                        frame(StreamId::Stdout, &b)
+                    }
+                }
+                Output::Stderr(b) if want_stderr => {
+                    if tty {
+                        b.to_vec()
+                    } else {
+                        frame(StreamId::Stderr, &b)
+                    }
+                }
+                Output::End => break,
+                _ => continue,
+            };
+            if wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+            let _ = wr.flush().await;
+        }
+        let _ = wr.shutdown().await;
+        if let Some(t) = stdin_task {
+            t.abort();
+        }
+    });
+    let ct = if tty { RAW } else { MULTIPLEXED };
+    let mut resp = Response::new(Body::empty());
+    if upgrading {
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        resp.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("tcp"));
+    }
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_map_to_docker_statuses() {
+        let cases = [
+            (
+                EngineError::NotFound("No such container: x".into()),
+                StatusCode::NOT_FOUND,
+            ),
+            (EngineError::Conflict("in use".into()), StatusCode::CONFLICT),
+            (
+                EngineError::InvalidParameter("bad".into()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (EngineError::NotModified, StatusCode::NOT_MODIFIED),
+            (
+                EngineError::Internal("boom".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (e, status) in cases {
+            let msg = e.to_string();
+            let r = ApiError::from(e);
+            assert_eq!(r.status, status);
+            assert_eq!(r.message, msg);
+        }
+    }
+
+    #[test]
+    fn query_flags_follow_docker() {
+        let uri: axum::http::Uri = "/x?all=1&force=true&f=0&e=&changes=CMD%20a&changes=ENV%20b%3Dc"
+            .parse()
+            .expect("uri");
+        let q = Query::of(&uri);
+        assert!(q.flag("all") && q.flag("force"));
+        assert!(!q.flag("f") && !q.flag("e") && !q.flag("missing"));
+        assert_eq!(
+            q.all("changes"),
+            vec!["CMD a".to_string(), "ENV b=c".to_string()]
+        );
+    }
+}

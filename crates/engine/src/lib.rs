@@ -1,1 +1,1359 @@
-//! placeholder
+//! The Vessel engine: containers whose bodies are virtual machines.
+//!
+//! Owns the container state machine (created → running → exited → removed),
+//! the single source of truth about containers (an embedded store under the
+//! data root, written before it is acted on), the live connections to the
+//! guest agents, logs, attach streams and waits, and the recovery of running
+//! containers after a daemon restart. It drives the image store for boot
+//! disks and the hypervisor layer for VMs.
+//!
+//! It must not speak HTTP or know about the Docker API's wire formats beyond
+//! the model types it returns: that is the API layer's job.
+
+mod logs;
+mod names;
+mod record;
+pub mod signal;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard_stubs::models::{
+    ContainerConfig, ContainerCreateBody, ContainerInspectResponse, ContainerSummary, HostConfig,
+};
+use bytes::Bytes;
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn};
+use vessel_image::ImageStore;
+use vessel_protocol::{GuestMsg, HostMsg, ProcessSpec, ProcessState, RootfsSpec};
+use vessel_store::Store;
+use vessel_vm::channel::{connect, AgentReader, AgentWriter, Incoming, Transport};
+use vessel_vm::{Accel, Hypervisor, ProbeResult, Qemu, VmSpec};
+
+pub use logs::LogEntry;
+pub use record::{ContainerRecord, StateRecord, Status, VmShape};
+
+/// Default guest memory when `--memory` is not given.
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+/// Smallest guest memory Vessel accepts: below this the guest kernel and
+/// agent do not fit.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Size of every container's writable disk (sparse; only what is written
+/// costs space).
+pub const UPPER_DISK_GIB: u64 = 16;
+
+const CONTAINERS: &str = "containers";
+
+/// Errors, each of which maps to one Docker API status.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// 400.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// 304: nothing to do.
+    #[error("not modified")]
+    NotModified,
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(context: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Internal(format!("{context}: {e}"))
+}
+
+impl From<vessel_image::Error> for EngineError {
+    fn from(e: vessel_image::Error) -> Self {
+        use vessel_image::Error as E;
+        match e {
+            E::NotFound(_) => EngineError::NotFound(e.to_string()),
+            E::Conflict(m) => EngineError::Conflict(m),
+            E::InvalidArchive(_)
+            | E::InvalidReference(_)
+            | E::InvalidChange(_)
+            | E::InvalidLayer(_)
+            | E::Ambiguous(_) => EngineError::InvalidParameter(e.to_string()),
+            other => EngineError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Where things are and how VMs are shaped by default.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Root of all state (`--data-root`).
+    pub data_root: PathBuf,
+    /// Guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// Guest agent binary (static).
+    pub agent: PathBuf,
+    /// QEMU system emulator.
+    pub qemu: PathBuf,
+    /// Memory of a VM whose container sets no `--memory`.
+    pub default_memory_mib: u64,
+    /// vCPUs of a VM whose container sets no `--cpus`.
+    pub default_vcpus: u32,
+}
+
+/// Output of a container as attach clients see it.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Standard output (or the TTY).
+    Stdout(Bytes),
+    /// Standard error.
+    Stderr(Bytes),
+    /// The process ended; nothing more will come.
+    End,
+}
+
+/// What `wait` watches.
+#[derive(Debug, Clone, Default)]
+struct Watch {
+    running: bool,
+    exits: u64,
+    exit_code: i64,
+    removed: bool,
+}
+
+/// `docker wait --condition`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCondition {
+    /// Return when the container is not running (at once if it is not).
+    NotRunning,
+    /// Return at the next exit.
+    NextExit,
+    /// Return when the container is removed.
+    Removed,
+}
+
+#[derive(Default)]
+struct Live {
+    writer: Option<AgentWriter>,
+    pending_stdin: Vec<u8>,
+    stdin_closed: bool,
+    tty_size: Option<(u16, u16)>,
+}
+
+struct Handle {
+    id: String,
+    record: Mutex<ContainerRecord>,
+    op: tokio::sync::Mutex<()>,
+    live: tokio::sync::Mutex<Live>,
+    output: broadcast::Sender<Output>,
+    status: watch::Sender<Watch>,
+    log_version: watch::Sender<u64>,
+    killed: AtomicBool,
+}
+
+impl Handle {
+    fn new(rec: ContainerRecord) -> Arc<Self> {
+        let w = Watch {
+            running: rec.running(),
+            exit_code: rec.state.exit_code,
+            ..Default::default()
+        };
+        Arc::new(Self {
+            id: rec.id.clone(),
+            record: Mutex::new(rec),
+            op: tokio::sync::Mutex::new(()),
+            live: tokio::sync::Mutex::new(Live::default()),
+            output: broadcast::channel(4096).0,
+            status: watch::channel(w).0,
+            log_version: watch::channel(0).0,
+            killed: AtomicBool::new(false),
+        })
+    }
+
+    fn rec(&self) -> ContainerRecord {
+        self.record
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ContainerRecord)) -> ContainerRecord {
+        let mut g = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
+        g.clone()
+    }
+}
+
+/// Facts for `docker info` and `docker version`.
+#[derive(Debug, Clone)]
+pub struct SystemFacts {
+    /// Acceleration in use.
+    pub accel: Accel,
+    /// Why the probe chose it.
+    pub accel_reason: String,
+    /// e.g. `qemu 7.2.22 (tcg)`.
+    pub hypervisor: String,
+    /// Release of the guest kernel.
+    pub guest_kernel: String,
+    /// Counts of containers.
+    pub containers: usize,
+    /// Running containers.
+    pub running: usize,
+    /// Stopped containers.
+    pub stopped: usize,
+    /// Images.
+    pub images: usize,
+    /// Data root.
+    pub data_root: PathBuf,
+    /// Default VM memory.
+    pub default_memory_mib: u64,
+}
+
+/// Options of `docker logs`.
+#[derive(Debug, Clone, Default)]
+pub struct LogsOptions {
+    /// Include stdout.
+    pub stdout: bool,
+    /// Include stderr.
+    pub stderr: bool,
+    /// Keep streaming until the container stops.
+    pub follow: bool,
+    /// Only the last N entries.
+    pub tail: Option<usize>,
+    /// Only entries at or after this unix time.
+    pub since: Option<f64>,
+    /// Only entries before this unix time.
+    pub until: Option<f64>,
+}
+
+/// An attach session.
+pub struct Attach {
+    /// Whether the container has a TTY (raw stream instead of multiplexed).
+    pub tty: bool,
+    /// Live output.
+    pub output: broadcast::Receiver<Output>,
+    /// Whether the container was running when attached.
+    pub running: bool,
+}
+
+/// The engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: EngineConfig,
+    store: Store,
+    images: Arc<ImageStore>,
+    hv: Arc<dyn Hypervisor>,
+    probe: ProbeResult,
+    initrd: PathBuf,
+    blank_upper: PathBuf,
+    guest_kernel: String,
+    containers: Mutex<HashMap<String, Arc<Handle>>>,
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal("background task", e))
+}
+
+impl Engine {
+    /// Opens the data root, probes the hypervisor and recovers every
+    /// container recorded there (reattaching to VMs that still run).
+    pub async fn open(cfg: EngineConfig) -> Result<Self, EngineError> {
+        let root = cfg.data_root.clone();
+        for dir in ["containers", "vm", "guest", "image"] {
+            std::fs::create_dir_all(root.join(dir))
+                .map_err(|e| internal(&format!("create {}", root.join(dir).display()), e))?;
+        }
+        for (path, what) in [
+            (&cfg.kernel, "guest kernel"),
+            (&cfg.agent, "guest agent"),
+            (&cfg.qemu, "QEMU"),
+        ] {
+            if !path.exists() {
+                return Err(EngineError::Internal(format!(
+                    "{what} not found at {} (run scripts/setup.sh)",
+                    path.display()
+                )));
+            }
+        }
+        let store =
+            Store::open(&root.join("vessel.db")).map_err(|e| internal("open state store", e))?;
+        let images = {
+            let dir = root.join("image");
+            blocking(move || ImageStore::open(&dir)).await??
+        };
+        let qemu_path = cfg.qemu.clone();
+        let probe = blocking(move || vessel_vm::probe(&qemu_path)).await?;
+        info!(accel = probe.accel.as_str(), reason = %probe.reason, "hypervisor probe");
+        let qemu = Qemu::new(cfg.qemu.clone(), probe.accel).map_err(|e| internal("qemu", e))?;
+        let (initrd, _) = vessel_vm::initrd::prepare(&cfg.agent, &root.join("guest"))
+            .map_err(|e| internal("initramfs", e))?;
+        let blank_upper = root
+            .join("guest")
+            .join(format!("upper-blank-{UPPER_DISK_GIB}g.ext4"));
+        if !blank_upper.exists() {
+            let p = blank_upper.clone();
+            blocking(move || make_blank_upper(&p)).await??;
+        }
+        let guest_kernel = std::fs::read_to_string(cfg.kernel.with_file_name("release"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                cfg,
+                store,
+                images: Arc::new(images),
+                hv: Arc::new(qemu),
+                probe,
+                initrd,
+                blank_upper,
+                guest_kernel,
+                containers: Mutex::new(HashMap::new()),
+                create_lock: tokio::sync::Mutex::new(()),
+            }),
+        };
+        engine.recover().await?;
+        Ok(engine)
+    }
+
+    /// The image store.
+    pub fn images(&self) -> Arc<ImageStore> {
+        self.inner.images.clone()
+    }
+
+    /// Facts for `docker info`.
+    pub fn facts(&self) -> SystemFacts {
+        let recs: Vec<ContainerRecord> = self.handles().iter().map(|h| h.rec()).collect();
+        let running = recs.iter().filter(|r| r.running()).count();
+        SystemFacts {
+            accel: self.inner.probe.accel,
+            accel_reason: self.inner.probe.reason.clone(),
+            hypervisor: self.inner.hv.describe(),
+            guest_kernel: self.inner.guest_kernel.clone(),
+            containers: recs.len(),
+            running,
+            stopped: recs.len() - running,
+            images: self.inner.images.list().len(),
+            data_root: self.inner.cfg.data_root.clone(),
+            default_memory_mib: self.inner.cfg.default_memory_mib,
+        }
+    }
+
+    fn handles(&self) -> Vec<Arc<Handle>> {
+        self.inner
+            .containers
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn container_dir(&self, id: &str) -> PathBuf {
+        self.inner.cfg.data_root.join("containers").join(id)
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        // Short, so socket paths stay under the 108-byte limit of sun_path.
+        self.inner
+            .cfg
+            .data_root
+            .join("vm")
+            .join(&id[..12.min(id.len())])
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.container_dir(id).join(format!("{id}-json.log"))
+    }
+
+    fn persist(&self, rec: &ContainerRecord) -> Result<(), EngineError> {
+        self.inner
+            .store
+            .put(CONTAINERS, &rec.id, rec)
+            .map_err(|e| internal("save container state", e))
+    }
+
+    /// Finds a container by id, name or unambiguous id prefix.
+    fn lookup(&self, name_or_id: &str) -> Result<Arc<Handle>, EngineError> {
+        let map = self
+            .inner
+            .containers
+            .lock()
+            .map_err(|e| internal("container table", e))?;
+        if let Some(h) = map.get(name_or_id) {
+            return Ok(h.clone());
+        }
+        let bare = name_or_id.strip_prefix('/').unwrap_or(name_or_id);
+        if let Some(h) = map.values().find(|h| h.rec().name == bare) {
+            return Ok(h.clone());
+        }
+        let matches: Vec<_> = if name_or_id.is_empty() {
+            vec![]
+        } else {
+            map.values()
+                .filter(|h| h.id.starts_with(name_or_id))
+                .collect()
+        };
+        match matches.len() {
+            1 => Ok(matches[0].clone()),
+            0 => Err(EngineError::NotFound(format!(
+                "No such container: {name_or_id}"
+            ))),
+            _ => Err(EngineError::InvalidParameter(format!(
+                "multiple containers found with provided prefix: {name_or_id}"
+            ))),
+        }
+    }
+
+    /// Containers that use image `image_id`, with whether each runs.
+    pub fn image_users(&self, image_id: &str) -> Vec<(String, bool)> {
+        self.handles()
+            .iter()
+            .map(|h| h.rec())
+            .filter(|r| r.image_id == image_id)
+            .map(|r| (r.id.clone(), r.running()))
+            .collect()
+    }
+
+    /// `docker ps`.
+    pub fn list(&self, all: bool) -> Vec<ContainerSummary> {
+        let mut recs: Vec<ContainerRecord> = self
+            .handles()
+            .iter()
+            .map(|h| h.rec())
+            .filter(|r| all || r.running())
+            .collect();
+        recs.sort_by(|a, b| b.created.cmp(&a.created));
+        recs.iter().map(|r| r.summary()).collect()
+    }
+
+    /// `docker inspect`.
+    pub fn inspect(&self, name_or_id: &str) -> Result<ContainerInspectResponse, EngineError> {
+        let rec = self.lookup(name_or_id)?.rec();
+        let log = self.log_path(&rec.id).display().to_string();
+        Ok(rec.inspect(log, String::new()))
+    }
+
+    /// The record of a container (tests and the API use it for details).
+    pub fn record(&self, name_or_id: &str) -> Result<ContainerRecord, EngineError> {
+        Ok(self.lookup(name_or_id)?.rec())
+    }
+
+    /// `POST /containers/create`: returns the new id.
+    pub async fn create(
+        &self,
+        name: Option<&str>,
+        body: ContainerCreateBody,
+    ) -> Result<String, EngineError> {
+        let image_name = body
+            .image
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                EngineError::InvalidParameter(
+                    "config.Image: image is required to create a container".into(),
+                )
+            })?;
+        let images = self.inner.images.clone();
+        let lookup_name = image_name.clone();
+        let image = blocking(move || images.resolve(&lookup_name)).await??;
+        let host_config = body.host_config.clone().unwrap_or_default();
+        let shape = self.shape(&host_config)?;
+        let config = merge_config(&body, &image.config, &image_name);
+        let mut argv = config.entrypoint.clone().unwrap_or_default();
+        argv.extend(config.cmd.clone().unwrap_or_default());
+        if argv.is_empty() {
+            return Err(EngineError::InvalidParameter("no command specified".into()));
+        }
+        if let Some(rp) = &host_config.restart_policy {
+            if let Some(n) = &rp.name {
+                let name = n.to_string();
+                if !["", "no"].contains(&name.as_str()) && host_config.auto_remove == Some(true) {
+                    return Err(EngineError::InvalidParameter(
+                        "can't create 'AutoRemove' container with restart policy".into(),
+                    ));
+                }
+            }
+        }
+        let _guard = self.inner.create_lock.lock().await;
+        let name = match name.filter(|n| !n.is_empty()) {
+            Some(n) => names::validate(n).map_err(EngineError::InvalidParameter)?,
+            None => loop {
+                let n = names::random();
+                if self.lookup_name(&n).is_none() {
+                    break n;
+                }
+            },
+        };
+        if let Some(other) = self.lookup_name(&name) {
+            return Err(EngineError::Conflict(format!(
+                "Conflict. The container name \"/{name}\" is already in use by container \"{other}\". You have to remove (or rename) that container to be able to reuse that name."
+            )));
+        }
+        let mut idb = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut idb);
+        let id = hex::encode(idb);
+        let mut config = config;
+        if config.hostname.as_deref().unwrap_or("").is_empty() {
+            config.hostname = Some(id[..12].to_string());
+        }
+        let rec = ContainerRecord {
+            id: id.clone(),
+            name,
+            created: now_rfc3339(),
+            image: image_name,
+            image_id: image.id.clone(),
+            path: argv[0].clone(),
+            args: argv[1..].to_vec(),
+            config,
+            host_config,
+            state: StateRecord {
+                status: Status::Created,
+                pid: None,
+                exit_code: 0,
+                error: String::new(),
+                oom_killed: false,
+                started_at: None,
+                finished_at: None,
+            },
+            vm: shape,
+            restart_count: 0,
+        };
+        let dir = self.container_dir(&id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| internal(&format!("create {}", dir.display()), e))?;
+        let upper = dir.join("upper.qcow2");
+        let blank = self.inner.blank_upper.clone();
+        let made = blocking(move || make_upper(&blank, &upper)).await?;
+        if let Err(e) = made.and_then(|_| self.persist(&rec)) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        info!(id = %id, name = %rec.name, image = %rec.image, "container created");
+        self.inner
+            .containers
+            .lock()
+            .map_err(|e| internal("container table", e))?
+            .insert(id.clone(), Handle::new(rec));
+        Ok(id)
+    }
+
+    fn lookup_name(&self, name: &str) -> Option<String> {
+        self.handles()
+            .iter()
+            .map(|h| h.rec())
+            .find(|r| r.name == name)
+            .map(|r| r.id)
+    }
+
+    fn shape(&self, hc: &HostConfig) -> Result<VmShape, EngineError> {
+        let memory = hc.memory.unwrap_or(0);
+        if memory < 0 {
+            return Err(EngineError::InvalidParameter(
+                "invalid memory limit: must be positive".into(),
+            ));
+        }
+        let memory_mib = if memory == 0 {
+            self.inner.cfg.default_memory_mib
+        } else {
+            (memory as u64).div_ceil(1024 * 1024)
+        };
+        if memory_mib < MIN_MEMORY_MIB {
+            return Err(EngineError::InvalidParameter(format!(
+                "Minimum memory limit allowed is {MIN_MEMORY_MIB}MB: a container is a VM whose kernel needs it"
+            )));
+        }
+        let host_cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as i64)
+            .unwrap_or(1);
+        let nano = hc.nano_cpus.unwrap_or(0);
+        if nano < 0 || nano > host_cpus * 1_000_000_000 {
+            return Err(EngineError::InvalidParameter(format!(
+                "Range of CPUs is from 0.01 to {host_cpus}.00, as there are only {host_cpus} CPUs available"
+            )));
+        }
+        let vcpus = if nano == 0 {
+            self.inner.cfg.default_vcpus
+        } else {
+            (nano as u64).div_ceil(1_000_000_000) as u32
+        };
+        Ok(VmShape {
+            memory_mib,
+            vcpus: vcpus.max(1),
+        })
+    }
+
+    /// `POST /containers/{id}/start`.
+    pub async fn start(&self, name_or_id: &str) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let _op = h.op.lock().await;
+        let rec = h.rec();
+        match rec.state.status {
+            Status::Running => return Err(EngineError::NotModified),
+            Status::Removing | Status::Dead => {
+                return Err(EngineError::Conflict(format!(
+                    "container {} is marked for removal and cannot be started",
+                    rec.id
+                )))
+            }
+            _ => {}
+        }
+        let started = std::time::Instant::now();
+        let images = self.inner.images.clone();
+        let image_id = rec.image_id.clone();
+        let image_disk = blocking(move || images.boot_disk(&image_id)).await??;
+        let run_dir = self.run_dir(&rec.id);
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let spec = VmSpec {
+            name: rec.id.clone(),
+            run_dir: run_dir.clone(),
+            kernel: self.inner.cfg.kernel.clone(),
+            initrd: self.inner.initrd.clone(),
+            image_disk,
+            upper_disk: self.container_dir(&rec.id).join("upper.qcow2"),
+            memory_mib: rec.vm.memory_mib,
+            vcpus: rec.vm.vcpus,
+        };
+        let hv = self.inner.hv.clone();
+        let vm = blocking(move || hv.spawn(&spec))
+            .await?
+            .map_err(|e| internal("start VM", e))?;
+        let t_spawn = started.elapsed();
+        h.killed.store(false, Ordering::SeqCst);
+        let pid = vm.pid;
+        tokio::spawn(vessel_vm::wait_exit(pid));
+        let fail = |msg: String| {
+            vessel_vm::kill_vm(pid, &rec.id);
+            EngineError::Internal(msg)
+        };
+        let (mut reader, writer, state) = connect(
+            &Transport::VirtioSerial(vm.control_socket),
+            Duration::from_secs(120),
+        )
+        .await
+        .map_err(|e| fail(format!("VM did not come up: {e}")))?;
+        let t_boot = started.elapsed();
+        if !matches!(
+            state,
+            GuestMsg::State {
+                process: ProcessState::Idle,
+                ..
+            }
+        ) {
+            return Err(fail(format!("fresh VM's agent is not idle: {state:?}")));
+        }
+        let tty_size = h.live.lock().await.tty_size;
+        let spec = self.process_spec(&rec, tty_size);
+        writer
+            .send(&HostMsg::Start(Box::new(spec)))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        loop {
+            match reader.next().await {
+                Ok(Some(Incoming::Msg(GuestMsg::Started { .. }))) => break,
+                Ok(Some(Incoming::Msg(GuestMsg::StartFailed { message, exit_code }))) => {
+                    vessel_vm::kill_vm(pid, &rec.id);
+                    let rec = h.update(|r| {
+                        r.state.exit_code = i64::from(exit_code);
+                        r.state.error = message.clone();
+                    });
+                    let _ = self.persist(&rec);
+                    return Err(EngineError::InvalidParameter(format!(
+                        "failed to create task for container: {message}: unknown"
+                    )));
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => {
+                    return Err(fail(format!("guest agent: {message}")));
+                }
+                Ok(Some(other)) => {
+                    warn!(id = %rec.id, "unexpected message before start: {other:?}")
+                }
+                Ok(None) => return Err(fail("the VM stopped while starting the process".into())),
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        let rec = h.update(|r| {
+            r.state = StateRecord {
+                status: Status::Running,
+                pid: Some(pid),
+                exit_code: 0,
+                error: String::new(),
+                oom_killed: false,
+                started_at: Some(now_rfc3339()),
+                finished_at: r.state.finished_at.clone(),
+            };
+        });
+        self.persist(&rec)?;
+        self.go_live(&h, writer).await;
+        h.status.send_modify(|w| w.running = true);
+        info!(
+            id = %rec.id,
+            spawn_ms = t_spawn.as_millis() as u64,
+            boot_ms = (t_boot - t_spawn).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "container started"
+        );
+        tokio::spawn(self.clone().monitor(h.clone(), reader, pid, None));
+        Ok(())
+    }
+
+    async fn go_live(&self, h: &Handle, writer: AgentWriter) {
+        let mut live = h.live.lock().await;
+        if !live.pending_stdin.is_empty() {
+            let data = std::mem::take(&mut live.pending_stdin);
+            let _ = writer.send_stdin(&data).await;
+        }
+        if live.stdin_closed {
+            let _ = writer.send(&HostMsg::CloseStdin).await;
+        }
+        live.writer = Some(writer);
+    }
+
+    fn process_spec(&self, rec: &ContainerRecord, tty_size: Option<(u16, u16)>) -> ProcessSpec {
+        let c = &rec.config;
+        let mut args = vec![rec.path.clone()];
+        args.extend(rec.args.iter().cloned());
+        ProcessSpec {
+            args,
+            env: c.env.clone().unwrap_or_default(),
+            cwd: c
+                .working_dir
+                .clone()
+                .filter(|w| !w.is_empty())
+                .unwrap_or_else(|| "/".into()),
+            user: c.user.clone().unwrap_or_default(),
+            hostname: c.hostname.clone().unwrap_or_default(),
+            tty: c.tty.unwrap_or(false),
+            open_stdin: c.open_stdin.unwrap_or(false),
+            tty_size: tty_size.or_else(|| {
+                rec.host_config
+                    .console_size
+                    .as_ref()
+                    .filter(|s| s.len() == 2 && s[0] > 0 && s[1] > 0)
+                    .map(|s| (s[0] as u16, s[1] as u16))
+            }),
+            rootfs: RootfsSpec::default(),
+            extra_hosts: rec
+                .host_config
+                .extra_hosts
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|h| h.split_once(':').map(|(name, ip)| format!("{ip}\t{name}")))
+                .collect(),
+        }
+    }
+
+    /// Follows a running container's agent until its process ends or its VM dies.
+    /// `exited` carries an exit the agent reported before a daemon restart.
+    async fn monitor(
+        self,
+        h: Arc<Handle>,
+        mut reader: AgentReader,
+        pid: u32,
+        exited: Option<(i32, bool)>,
+    ) {
+        let id = h.id.clone();
+        let mut log = match logs::LogWriter::open(&self.log_path(&id)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(%id, "cannot open log file: {e}");
+                None
+            }
+        };
+        let mut exit: Option<(i32, bool)> = exited;
+        while exit.is_none() {
+            match reader.next().await {
+                Ok(Some(Incoming::Stdout(d))) => self.output(&h, &mut log, false, d),
+                Ok(Some(Incoming::Stderr(d))) => self.output(&h, &mut log, true, d),
+                Ok(Some(Incoming::Msg(GuestMsg::Exited {
+                    exit_code,
+                    oom_killed,
+                }))) => {
+                    exit = Some((exit_code, oom_killed));
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => {
+                    warn!(%id, "guest agent: {message}")
+                }
+                Ok(Some(Incoming::Msg(other))) => warn!(%id, "unexpected agent message: {other:?}"),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(%id, "agent channel: {e}");
+                    break;
+                }
+            }
+        }
+        if let Some(l) = log.as_mut() {
+            let _ = l.flush_partial();
+        }
+        let (code, oom, error) = match exit {
+            Some((c, o)) => (i64::from(c), o, String::new()),
+            None if h.killed.load(Ordering::SeqCst) => (137, false, String::new()),
+            None => (
+                255,
+                false,
+                "the container's VM stopped unexpectedly".to_string(),
+            ),
+        };
+        {
+            let mut live = h.live.lock().await;
+            if let Some(w) = live.writer.take() {
+                if exit.is_some() {
+                    let _ = w.send(&HostMsg::Shutdown).await;
+                }
+            }
+            *live = Live::default();
+        }
+        // The agent powers the VM off after Shutdown; make sure it is gone.
+        let name = id.clone();
+        let reaped = tokio::time::timeout(Duration::from_secs(3), vessel_vm::wait_exit(pid)).await;
+        if reaped.is_err() {
+            vessel_vm::kill_vm(pid, &name);
+            vessel_vm::wait_exit(pid).await;
+        }
+        let rec = h.update(|r| {
+            r.state.status = Status::Exited;
+            r.state.pid = None;
+            r.state.exit_code = code;
+            r.state.oom_killed = oom;
+            r.state.error = error;
+            r.state.finished_at = Some(now_rfc3339());
+        });
+        if let Err(e) = self.persist(&rec) {
+            warn!(%id, "cannot save exit: {e}");
+        }
+        let _ = h.output.send(Output::End);
+        h.log_version.send_modify(|v| *v += 1);
+        h.status.send_modify(|w| {
+            w.running = false;
+            w.exits += 1;
+            w.exit_code = code;
+        });
+        info!(%id, exit_code = code, "container exited");
+        if rec.host_config.auto_remove == Some(true) {
+            if let Err(e) = self.remove(&id, true).await {
+                if !matches!(e, EngineError::NotFound(_)) {
+                    warn!(%id, "auto-remove failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn output(&self, h: &Handle, log: &mut Option<logs::LogWriter>, stderr: bool, data: Vec<u8>) {
+        if let Some(l) = log.as_mut() {
+            if let Err(e) = l.write(stderr, &data) {
+                warn!(id = %h.id, "log write failed: {e}");
+            }
+        }
+        h.log_version.send_modify(|v| *v += 1);
+        let b = Bytes::from(data);
+        let _ = h.output.send(if stderr {
+            Output::Stderr(b)
+        } else {
+            Output::Stdout(b)
+        });
+    }
+
+    /// Sends a signal to the main process of a running container.
+    async fn signal(&self, h: &Handle, sig: i32) -> Result<(), EngineError> {
+        let live = h.live.lock().await;
+        match &live.writer {
+            Some(w) => w
+                .send(&HostMsg::Signal { signal: sig })
+                .await
+                .map_err(|e| internal("signal", e)),
+            None => Err(EngineError::Conflict(format!(
+                "container {} is not running",
+                h.id
+            ))),
+        }
+    }
+
+    /// `docker kill`.
+    pub async fn kill(&self, name_or_id: &str, signal: &str) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let sig = signal::parse(if signal.is_empty() { "KILL" } else { signal })
+            .ok_or_else(|| EngineError::InvalidParameter(format!("Invalid signal: {signal}")))?;
+        if !h.rec().running() {
+            return Err(EngineError::Conflict(format!(
+                "cannot kill container: {name_or_id}: container {} is not running",
+                h.id
+            )));
+        }
+        self.signal(&h, sig).await
+    }
+
+    async fn wait_exit_of(&self, h: &Handle, exits0: u64, timeout: Option<Duration>) -> bool {
+        let mut rx = h.status.subscribe();
+        let fut = rx.wait_for(|w| w.exits > exits0 || !w.running);
+        match timeout {
+            Some(t) => matches!(tokio::time::timeout(t, fut).await, Ok(Ok(_))),
+            None => fut.await.is_ok(),
+        }
+    }
+
+    /// `docker stop`: the stop signal, then SIGKILL after `timeout` seconds,
+    /// then the VM itself.
+    pub async fn stop(
+        &self,
+        name_or_id: &str,
+        timeout: Option<i64>,
+        signal: Option<&str>,
+    ) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let rec = h.rec();
+        if !rec.running() {
+            return Err(EngineError::NotModified);
+        }
+        let sig_name = signal
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .or_else(|| rec.config.stop_signal.clone().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "SIGTERM".into());
+        let sig = signal::parse(&sig_name)
+            .ok_or_else(|| EngineError::InvalidParameter(format!("Invalid signal: {sig_name}")))?;
+        let t = timeout.or(rec.config.stop_timeout).unwrap_or(10);
+        let exits0 = h.status.borrow().exits;
+        let _ = self.signal(&h, sig).await;
+        let grace = if t < 0 {
+            None
+        } else {
+            Some(Duration::from_secs(t as u64))
+        };
+        if self.wait_exit_of(&h, exits0, grace).await {
+            return Ok(());
+        }
+        let _ = self.signal(&h, libc::SIGKILL).await;
+        if self
+            .wait_exit_of(&h, exits0, Some(Duration::from_secs(5)))
+            .await
+        {
+            return Ok(());
+        }
+        self.kill_vm(&h).await;
+        Ok(())
+    }
+
+    async fn kill_vm(&self, h: &Handle) {
+        let rec = h.rec();
+        if let Some(pid) = rec.state.pid {
+            h.killed.store(true, Ordering::SeqCst);
+            let exits0 = h.status.borrow().exits;
+            vessel_vm::kill_vm(pid, &rec.id);
+            self.wait_exit_of(h, exits0, Some(Duration::from_secs(10)))
+                .await;
+        }
+    }
+
+    /// `docker rm`.
+    pub async fn remove(&self, name_or_id: &str, force: bool) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let _op = h.op.lock().await;
+        let rec = h.rec();
+        if rec.running() {
+            if !force {
+                return Err(EngineError::Conflict(format!(
+                    "cannot remove container \"/{}\": container is running: stop the container before removing or force remove",
+                    rec.name
+                )));
+            }
+            let exits0 = h.status.borrow().exits;
+            let _ = self.signal(&h, libc::SIGKILL).await;
+            if !self
+                .wait_exit_of(&h, exits0, Some(Duration::from_secs(5)))
+                .await
+            {
+                self.kill_vm(&h).await;
+            }
+        }
+        let rec = h.update(|r| r.state.status = Status::Removing);
+        self.persist(&rec)?;
+        let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+        let dir = self.container_dir(&rec.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                let rec = h.update(|r| r.state.status = Status::Dead);
+                let _ = self.persist(&rec);
+                return Err(internal(&format!("remove {}", dir.display()), e));
+            }
+        }
+        self.inner
+            .store
+            .delete(CONTAINERS, &rec.id)
+            .map_err(|e| internal("delete container state", e))?;
+        self.inner
+            .containers
+            .lock()
+            .map_err(|e| internal("container table", e))?
+            .remove(&rec.id);
+        h.status.send_modify(|w| w.removed = true);
+        info!(id = %rec.id, "container removed");
+        Ok(())
+    }
+
+    /// `docker wait`: resolves the container now (so a missing one is an
+    /// error before any response is sent) and returns a future of the exit code.
+    pub fn wait(
+        &self,
+        name_or_id: &str,
+        cond: WaitCondition,
+    ) -> Result<impl std::future::Future<Output = i64> + Send + 'static, EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let mut rx = h.status.subscribe();
+        let exits0 = rx.borrow().exits;
+        Ok(async move {
+            let r = match cond {
+                WaitCondition::NotRunning => rx
+                    .wait_for(|w| !w.running || w.removed)
+                    .await
+                    .map(|w| w.exit_code),
+                WaitCondition::NextExit => rx
+                    .wait_for(|w| w.exits > exits0 || w.removed)
+                    .await
+                    .map(|w| w.exit_code),
+                WaitCondition::Removed => rx.wait_for(|w| w.removed).await.map(|w| w.exit_code),
+            };
+            // A closed channel means the container is gone.
+            r.unwrap_or_else(|_| h.status.borrow().exit_code)
+        })
+    }
+
+    /// Starts an attach session.
+    pub fn attach(&self, name_or_id: &str) -> Result<(String, Attach), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let rec = h.rec();
+        Ok((
+            h.id.clone(),
+            Attach {
+                tty: rec.config.tty.unwrap_or(false),
+                output: h.output.subscribe(),
+                running: rec.running(),
+            },
+        ))
+    }
+
+    /// Sends attach input to the container's stdin (buffered until it starts).
+    pub async fn write_stdin(&self, id: &str, data: &[u8]) -> Result<(), EngineError> {
+        let h = self.lookup(id)?;
+        let mut live = h.live.lock().await;
+        match &live.writer {
+            Some(w) => w.send_stdin(data).await.map_err(|e| internal("stdin", e)),
+            None => {
+                live.pending_stdin.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes the container's stdin (the attached client sent EOF).
+    pub async fn close_stdin(&self, id: &str) -> Result<(), EngineError> {
+        let h = self.lookup(id)?;
+        if !h.rec().config.stdin_once.unwrap_or(false) {
+            return Ok(());
+        }
+        let mut live = h.live.lock().await;
+        match &live.writer {
+            Some(w) => w
+                .send(&HostMsg::CloseStdin)
+                .await
+                .map_err(|e| internal("stdin", e)),
+            None => {
+                live.stdin_closed = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// `POST /containers/{id}/resize`.
+    pub async fn resize(&self, name_or_id: &str, rows: u16, cols: u16) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let mut live = h.live.lock().await;
+        live.tty_size = Some((rows, cols));
+        if let Some(w) = &live.writer {
+            w.send(&HostMsg::Resize { rows, cols })
+                .await
+                .map_err(|e| internal("resize", e))?;
+        }
+        Ok(())
+    }
+
+    /// `docker logs`: whether the container has a TTY, and a stream of entries.
+    pub fn logs(
+        &self,
+        name_or_id: &str,
+        opts: LogsOptions,
+    ) -> Result<(bool, tokio::sync::mpsc::Receiver<LogEntry>), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let tty = h.rec().config.tty.unwrap_or(false);
+        let path = self.log_path(&h.id);
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let mut version = h.log_version.subscribe();
+        let mut status = h.status.subscribe();
+        tokio::spawn(async move {
+            let keep = |e: &LogEntry| {
+                (if e.stream == "stderr" {
+                    opts.stderr
+                } else {
+                    opts.stdout
+                }) && entry_time(e).is_none_or(|t| {
+                    opts.since.is_none_or(|s| t >= s) && opts.until.is_none_or(|u| t < u)
+                })
+            };
+            let p = path.clone();
+            let Ok(Ok((first, mut offset))) =
+                tokio::task::spawn_blocking(move || logs::read_from(&p, 0)).await
+            else {
+                return;
+            };
+            let mut first: Vec<LogEntry> = first.into_iter().filter(|e| keep(e)).collect();
+            if let Some(n) = opts.tail {
+                let skip = first.len().saturating_sub(n);
+                first.drain(..skip);
+            }
+            for e in first {
+                if tx.send(e).await.is_err() {
+                    return;
+                }
+            }
+            if !opts.follow {
+                return;
+            }
+            loop {
+                let running = status.borrow_and_update().running;
+                let p = path.clone();
+                let Ok(Ok((more, off))) =
+                    tokio::task::spawn_blocking(move || logs::read_from(&p, offset)).await
+                else {
+                    return;
+                };
+                offset = off;
+                for e in more.into_iter().filter(|e| keep(e)) {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+                if !running {
+                    return;
+                }
+                tokio::select! {
+                    r = version.changed() => if r.is_err() { return },
+                    r = status.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok((tty, rx))
+    }
+
+    /// Reconnects to every container recorded as running, marks the ones
+    /// whose VM is gone as exited, and kills VMs nobody owns.
+    async fn recover(&self) -> Result<(), EngineError> {
+        let recs: Vec<(String, ContainerRecord)> = self
+            .inner
+            .store
+            .list(CONTAINERS)
+            .map_err(|e| internal("read container state", e))?;
+        for (_, rec) in recs {
+            let h = Handle::new(rec.clone());
+            self.inner
+                .containers
+                .lock()
+                .map_err(|e| internal("container table", e))?
+                .insert(rec.id.clone(), h.clone());
+            match rec.state.status {
+                Status::Running => self.reattach(h).await,
+                Status::Removing | Status::Dead => {
+                    if let Err(e) = self.remove(&rec.id, true).await {
+                        warn!(id = %rec.id, "finishing removal failed: {e}");
+                    }
+                }
+                _ => {
+                    // A start that was cut short may have left a VM behind.
+                    if let Some(pid) = vessel_vm::qemu::read_pid(&self.run_dir(&rec.id)) {
+                        vessel_vm::kill_vm(pid, &rec.id);
+                    }
+                }
+            }
+        }
+        // Container directories without a record are leftovers of a create
+        // that was cut short.
+        let known: Vec<String> = self.handles().iter().map(|h| h.id.clone()).collect();
+        if let Ok(rd) = std::fs::read_dir(self.inner.cfg.data_root.join("containers")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if !known.contains(&n) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn reattach(&self, h: Arc<Handle>) {
+        let rec = h.rec();
+        let id = rec.id.clone();
+        let pid = rec
+            .state
+            .pid
+            .or_else(|| vessel_vm::qemu::read_pid(&self.run_dir(&id)));
+        let alive = pid.is_some_and(|p| vessel_vm::vm_alive(p, &id));
+        if let (true, Some(pid)) = (alive, pid) {
+            let sock = self.run_dir(&id).join(vessel_vm::qemu::CONTROL_SOCKET);
+            match connect(&Transport::VirtioSerial(sock), Duration::from_secs(10)).await {
+                Ok((reader, writer, GuestMsg::State { process, .. })) => {
+                    // An exit the agent reported while nobody listened is
+                    // delivered from the state it answers with.
+                    let exited = match process {
+                        ProcessState::Exited {
+                            exit_code,
+                            oom_killed,
+                        } => Some((exit_code, oom_killed)),
+                        _ => None,
+                    };
+                    self.go_live(&h, writer).await;
+                    tokio::spawn(vessel_vm::wait_exit(pid));
+                    tokio::spawn(self.clone().monitor(h.clone(), reader, pid, exited));
+                    info!(%id, pid, "reattached to running container");
+                    return;
+                }
+                Ok((_, _, other)) => warn!(%id, "unexpected agent answer on reattach: {other:?}"),
+                Err(e) => warn!(%id, "cannot reach the agent of a running VM: {e}"),
+            }
+            vessel_vm::kill_vm(pid, &id);
+        }
+        let rec = h.update(|r| {
+            r.state.status = Status::Exited;
+            r.state.pid = None;
+            r.state.exit_code = 255;
+            r.state.error = "the container's VM stopped while the daemon was down".into();
+            r.state.finished_at = Some(now_rfc3339());
+        });
+        let _ = self.persist(&rec);
+        h.status.send_modify(|w| {
+            w.running = false;
+            w.exit_code = 255;
+        });
+    }
+}
+
+fn entry_time(e: &LogEntry) -> Option<f64> {
+    chrono::DateTime::parse_from_rfc3339(&e.time)
+        .ok()
+        .map(|t| t.timestamp() as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9)
+}
+
+/// Merges the image's config with the create request as Docker does.
+fn merge_config(
+    body: &ContainerCreateBody,
+    image: &vessel_image::ImageConfig,
+    image_name: &str,
+) -> ContainerConfig {
+    let user_entrypoint = body.entrypoint.clone();
+    let user_cmd = body.cmd.clone().filter(|c| !c.is_empty());
+    let (entrypoint, cmd) = match user_entrypoint {
+        // `--entrypoint` given: the image's CMD no longer applies.
+        Some(ep) if !(ep.len() == 1 && ep[0].is_empty()) && !ep.is_empty() => (Some(ep), user_cmd),
+        Some(_) => (None, user_cmd),
+        None => (
+            image.entrypoint.clone(),
+            user_cmd.or_else(|| image.cmd.clone()),
+        ),
+    };
+    let mut env: Vec<String> = image.env.clone();
+    for kv in body.env.clone().unwrap_or_default() {
+        let key = kv.split('=').next().unwrap_or("").to_string();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(kv);
+    }
+    let mut labels: HashMap<String, String> = image.labels.clone().into_iter().collect();
+    labels.extend(body.labels.clone().unwrap_or_default());
+    let pick = |user: &Option<String>, img: &Option<String>| {
+        user.clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| img.clone().filter(|s| !s.is_empty()))
+    };
+    let image_user = Some(image.user.clone());
+    let image_workdir = Some(image.working_dir.clone());
+    ContainerConfig {
+        hostname: body.hostname.clone(),
+        domainname: body.domainname.clone(),
+        user: pick(&body.user, &image_user),
+        attach_stdin: body.attach_stdin,
+        attach_stdout: body.attach_stdout,
+        attach_stderr: body.attach_stderr,
+        exposed_ports: body.exposed_ports.clone(),
+        tty: Some(body.tty.unwrap_or(false)),
+        open_stdin: Some(body.open_stdin.unwrap_or(false)),
+        stdin_once: Some(body.stdin_once.unwrap_or(false)),
+        env: Some(env),
+        cmd,
+        healthcheck: body.healthcheck.clone(),
+        args_escaped: body.args_escaped,
+        image: Some(image_name.to_string()),
+        volumes: body.volumes.clone(),
+        working_dir: pick(&body.working_dir, &image_workdir),
+        entrypoint,
+        network_disabled: body.network_disabled,
+        on_build: None,
+        labels: Some(labels),
+        stop_signal: pick(&body.stop_signal, &image.stop_signal),
+        stop_timeout: body.stop_timeout,
+        shell: body.shell.clone(),
+    }
+}
+
+fn make_blank_upper(path: &Path) -> Result<(), EngineError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let out = std::process::Command::new("mke2fs")
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-i",
+            "65536",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+        ])
+        .arg(&tmp)
+        .arg(format!("{UPPER_DISK_GIB}G"))
+        .output()
+        .map_err(|e| internal("run mke2fs", e))?;
+    if !out.status.success() {
+        return Err(EngineError::Internal(format!(
+            "mke2fs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| internal("rename blank disk", e))
+}
+
+fn make_upper(blank: &Path, upper: &Path) -> Result<(), EngineError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(blank)
+        .arg(upper)
+        .output()
+        .map_err(|e| internal("run qemu-img", e))?;
+    if !out.status.success() {
+        return Err(EngineError::Internal(format!(
+            "qemu-img: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

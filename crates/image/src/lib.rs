@@ -1,1 +1,30 @@
-//! placeholder
+//! `vessel-image`: the image store of Vessel.
+//!
+//! This crate owns everything about images on the host:
+//! - image metadata (config JSON blobs addressed by digest, per-image metadata,
+//!   the reference → image id table),
+//! - layers (uncompressed layer tars, kept by diff id for a later `docker save`/push),
+//! - reference names (parsing, validation and normalisation of Docker references),
+//! - boot disks (one read-only ext4 image per image, the flattened root filesystem
+//!   a microVM boots from).
+//!
+//! It must not do: HTTP (the API crate serialises [`Image`] into Engine API JSON),
+//! VMs (the vm crate boots the disk returned by [`ImageStore::boot_disk`]), or
+//! container state (callers pass the users of an image to [`ImageStore::remove`]).
+//!
+//! The API is synchronous and blocking; the engine calls it through
+//! `spawn_blocking`. [`ImageStore`] is `Send + Sync`.
+
+mod archive;
+mod changes;
+mod disk;
+mod error;
+mod extract;
+pub mod reference;
+mod store;
+
+pub use changes::apply_changes;
+pub use error::{Error, Result};
+pub use extract::{extract_archive, extract_layer};
+pub use reference::Reference;
+pub use store::{DeleteItem, Image, ImageConfig, ImageStore};

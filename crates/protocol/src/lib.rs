@@ -223,7 +223,10 @@ pub struct RootfsSpec {
 
 impl Default for RootfsSpec {
     fn default() -> Self {
-        Self { image_device: "/dev/vda".into(), upper_device: "/dev/vdb".into() }
+        Self {
+            image_device: "/dev/vda".into(),
+            upper_device: "/dev/vdb".into(),
+        }
     }
 }
 
@@ -232,7 +235,8 @@ pub fn encode(kind: FrameKind, payload: &[u8]) -> Result<Vec<u8>, ProtocolError>
     if payload.len() > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(payload.len()));
     }
-    let len = u32::try_from(payload.len() + 1).map_err(|_| ProtocolError::TooLarge(payload.len()))?;
+    let len =
+        u32::try_from(payload.len() + 1).map_err(|_| ProtocolError::TooLarge(payload.len()))?;
     let mut out = Vec::with_capacity(payload.len() + 5);
     out.extend_from_slice(&len.to_be_bytes());
     out.push(kind as u8);
@@ -378,8 +382,17 @@ mod tests {
             }
         }
         assert_eq!(frames.len(), 2);
-        assert_eq!(decode_host(&frames[0].payload).expect("msg"), HostMsg::Resize { rows: 24, cols: 80 });
-        assert_eq!(frames[1], Frame { kind: FrameKind::Stdin, payload: b"hello".to_vec() });
+        assert_eq!(
+            decode_host(&frames[0].payload).expect("msg"),
+            HostMsg::Resize { rows: 24, cols: 80 }
+        );
+        assert_eq!(
+            frames[1],
+            Frame {
+                kind: FrameKind::Stdin,
+                payload: b"hello".to_vec()
+            }
+        );
     }
 
     #[test]
@@ -407,14 +420,23 @@ mod tests {
         // know the nonce, then the real marker and a real frame.
         let mut bytes = vec![1, 2, 3];
         bytes.extend(SYNC_MAGIC);
-        bytes.extend(encode_guest(&GuestMsg::Exited { exit_code: 0, oom_killed: false }).expect("enc"));
+        bytes.extend(
+            encode_guest(&GuestMsg::Exited {
+                exit_code: 0,
+                oom_killed: false,
+            })
+            .expect("enc"),
+        );
         bytes.extend(&marker);
         bytes.extend(encode_guest(&GuestMsg::Started { pid: 9 }).expect("enc"));
         for chunk in bytes.chunks(3) {
             d.push(chunk);
         }
         let f = d.next_frame().expect("decode").expect("frame");
-        assert_eq!(decode_guest(&f.payload).expect("msg"), GuestMsg::Started { pid: 9 });
+        assert_eq!(
+            decode_guest(&f.payload).expect("msg"),
+            GuestMsg::Started { pid: 9 }
+        );
         assert!(d.next_frame().expect("decode").is_none());
     }
 

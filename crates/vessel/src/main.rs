@@ -1,1 +1,139 @@
-fn main(){}
+//! `vessel`: the command-line entry point. A thin binary: it parses flags
+//! (named as dockerd names them), sets up logging, opens the engine and
+//! serves the Docker Engine API on a Unix socket. All behaviour lives in the
+//! library crates.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tracing::info;
+use vessel_engine::{Engine, EngineConfig, DEFAULT_MEMORY_MIB};
+
+#[derive(Parser)]
+#[command(
+    name = "vessel",
+    version,
+    about = "Every Docker container in its own virtual machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon and serve the Docker Engine API.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Parser)]
+struct DaemonArgs {
+    /// Socket to listen on (dockerd's -H/--host); only unix:// is supported.
+    #[arg(
+        short = 'H',
+        long = "host",
+        default_value = "unix:///run/vessel/vessel.sock"
+    )]
+    host: String,
+    /// Root of persistent state (dockerd's --data-root).
+    #[arg(long = "data-root", default_value = "/var/lib/vessel")]
+    data_root: PathBuf,
+    /// Directory holding the guest kernel (`vmlinux`, `release`) and agent (`vessel-init`).
+    #[arg(
+        long = "guest-dir",
+        env = "VESSEL_GUEST_DIR",
+        default_value = "/usr/local/lib/vessel"
+    )]
+    guest_dir: PathBuf,
+    /// QEMU system emulator.
+    #[arg(long = "qemu", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Memory of a container VM that sets no --memory, in MiB.
+    #[arg(long = "default-memory", default_value_t = DEFAULT_MEMORY_MIB)]
+    default_memory: u64,
+    /// vCPUs of a container VM that sets no --cpus.
+    #[arg(long = "default-cpus", default_value_t = 1)]
+    default_cpus: u32,
+    /// Log level (dockerd's --log-level): debug, info, warn, error.
+    #[arg(short = 'l', long = "log-level", default_value = "info")]
+    log_level: String,
+}
+
+fn find_in_path(name: &PathBuf) -> PathBuf {
+    if name.components().count() > 1 {
+        return name.clone();
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|c| c.is_file())
+        })
+        .unwrap_or_else(|| name.clone())
+}
+
+async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let Some(sock) = args.host.strip_prefix("unix://") else {
+        bail!(
+            "unsupported host {}: only unix:// sockets are supported",
+            args.host
+        );
+    };
+    let sock = PathBuf::from(sock);
+    let cfg = EngineConfig {
+        data_root: args.data_root.clone(),
+        kernel: args.guest_dir.join("vmlinux"),
+        agent: args.guest_dir.join("vessel-init"),
+        qemu: find_in_path(&args.qemu),
+        default_memory_mib: args.default_memory,
+        default_vcpus: args.default_cpus.max(1),
+    };
+    let engine = Engine::open(cfg).await.context("starting the engine")?;
+    let facts = engine.facts();
+    info!(hypervisor = %facts.hypervisor, reason = %facts.accel_reason, data_root = %args.data_root.display(), "engine ready");
+    if let Some(dir) = sock.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if sock.exists() {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            bail!("{} is in use by another daemon", sock.display());
+        }
+        std::fs::remove_file(&sock).with_context(|| format!("remove stale {}", sock.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("listen on {}", sock.display()))?;
+    info!(socket = %sock.display(), "API listening");
+    let app = vessel_api::service(engine);
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+        info!("shutting down; container VMs keep running");
+    };
+    tokio::select! {
+        r = axum::serve(listener, app) => r.context("serving the API")?,
+        _ = shutdown => {}
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Daemon(args) => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
+            rt.block_on(daemon(args))
+        }
+    }
+}

@@ -1,1 +1,176 @@
-//! placeholder
+//! The hypervisor layer of Vessel.
+//!
+//! Owns everything between "this container needs a VM" and a running QEMU
+//! process whose guest agent answers: the probe that chooses hardware
+//! virtualization (KVM) or software emulation (TCG), the [`Hypervisor`] trait
+//! and its QEMU driver, the fixed device layout every container VM gets, the
+//! initramfs that carries the agent, and the host end of the control channel
+//! ([`channel`]).
+//!
+//! It must not know about Docker, images or container state: it is handed
+//! disk paths and sizes and returns processes and channels. VM processes are
+//! started in their own process group so that the daemon's death never takes
+//! them down.
+
+pub mod channel;
+pub mod initrd;
+pub mod probe;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+pub use probe::{probe, Accel, ProbeResult};
+pub use qemu::Qemu;
+
+/// Errors of the hypervisor layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A file or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// QEMU refused to start or died early.
+    #[error("VM failed to start: {0}")]
+    Spawn(String),
+    /// The control channel broke or the agent misbehaved.
+    #[error("agent channel: {0}")]
+    Channel(String),
+}
+
+impl VmError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// What a container VM is made of. Every VM has the same device layout:
+/// slot 0 is the read-only image disk, slot 1 the container's writable disk,
+/// then the control channel and the entropy device, so that any booted VM
+/// could stand in for any other.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Unique name (the container id); appears in the QEMU command line so
+    /// a live VM can be recognised after a daemon restart.
+    pub name: String,
+    /// Directory for the VM's sockets, pid file and console log.
+    pub run_dir: PathBuf,
+    /// Guest kernel (uncompressed vmlinux with a PVH note).
+    pub kernel: PathBuf,
+    /// Initramfs holding the agent.
+    pub initrd: PathBuf,
+    /// Read-only ext4 disk of the image.
+    pub image_disk: PathBuf,
+    /// The container's writable disk (qcow2).
+    pub upper_disk: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+}
+
+/// A VM process that was started.
+#[derive(Debug, Clone)]
+pub struct VmProcess {
+    /// PID of the VM process on the host.
+    pub pid: u32,
+    /// Unix socket that reaches the guest agent.
+    pub control_socket: PathBuf,
+}
+
+/// A hypervisor able to run container VMs.
+pub trait Hypervisor: Send + Sync {
+    /// A human-readable description, e.g. `qemu 7.2.0 (tcg)`.
+    fn describe(&self) -> String;
+    /// The acceleration in use.
+    fn accel(&self) -> Accel;
+    /// Starts a VM. Returns once the process runs and its control socket exists.
+    fn spawn(&self, spec: &VmSpec) -> Result<VmProcess, VmError>;
+}
+
+/// Whether `pid` is alive and is the VM named `name` (guards against PID reuse).
+pub fn vm_alive(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = format!("vessel-{name}");
+    if !cmdline.split(|b| *b == 0).any(|arg| arg == want.as_bytes()) {
+        return false;
+    }
+    // A zombie still has a cmdline entry briefly; check its state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Kills a VM process with SIGKILL if it is still the VM named `name`.
+pub fn kill_vm(pid: u32, name: &str) {
+    if vm_alive(pid, name) {
+        // SAFETY: kill(2) with a PID we verified belongs to our VM and a valid signal.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}
+
+/// Waits until process `pid` has exited, whether or not it is our child,
+/// and reaps it when it is. Uses a pidfd, so no polling.
+pub async fn wait_exit(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        // The process is already gone (ESRCH).
+        reap(pid);
+        return;
+    }
+    // SAFETY: fd was just returned by pidfd_open and is owned by nobody else.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: `owned` is an OwnedFd: it stays open and refers to the same
+    // pidfd for as long as the AsyncFd that owns it lives.
+    match unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    } {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => {
+            while std::path::Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    reap(pid);
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waitpid on a specific pid with WNOHANG; harmless (ECHILD) when
+    // the process is not our child.
+    unsafe {
+        libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG);
+    }
+}

@@ -1,0 +1,269 @@
+//! The persisted record of a container and how it is shown through the API.
+
+use std::collections::HashMap;
+
+use bollard_stubs::models::{
+    ContainerConfig, ContainerInspectResponse, ContainerState, ContainerStateStatusEnum,
+    ContainerSummary, ContainerSummaryHostConfig, ContainerSummaryNetworkSettings,
+    ContainerSummaryStateEnum, DriverData, HostConfig, NetworkSettings,
+};
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle status of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Created, never started (or its start failed).
+    Created,
+    /// Its VM runs the process.
+    Running,
+    /// The process ended.
+    Exited,
+    /// Being removed.
+    Removing,
+    /// Could not be cleaned up.
+    Dead,
+}
+
+impl Status {
+    /// Docker's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Exited => "exited",
+            Status::Removing => "removing",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+/// The container's state as persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateRecord {
+    /// Lifecycle status.
+    pub status: Status,
+    /// PID of the VM process on the host while running.
+    pub pid: Option<u32>,
+    /// Exit code of the last run.
+    pub exit_code: i64,
+    /// Why the last start or run failed.
+    pub error: String,
+    /// The kernel's OOM killer ended the process.
+    pub oom_killed: bool,
+    /// RFC 3339 start time of the last run, if any.
+    pub started_at: Option<String>,
+    /// RFC 3339 end time of the last run, if any.
+    pub finished_at: Option<String>,
+}
+
+/// How the container's VM is shaped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmShape {
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+}
+
+/// Everything Vessel keeps about a container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// 64 hex characters.
+    pub id: String,
+    /// Name without the leading slash.
+    pub name: String,
+    /// RFC 3339 creation time.
+    pub created: String,
+    /// The image as the user named it.
+    pub image: String,
+    /// The resolved image id (`sha256:…`).
+    pub image_id: String,
+    /// The effective config (image defaults merged with the request).
+    pub config: ContainerConfig,
+    /// The host config as requested.
+    pub host_config: HostConfig,
+    /// Executable and arguments.
+    pub path: String,
+    /// Arguments after the executable.
+    pub args: Vec<String>,
+    /// Lifecycle state.
+    pub state: StateRecord,
+    /// VM shape.
+    pub vm: VmShape,
+    /// Times the container was restarted by a policy.
+    pub restart_count: i64,
+}
+
+const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+impl ContainerRecord {
+    /// Whether the container runs.
+    pub fn running(&self) -> bool {
+        self.state.status == Status::Running
+    }
+
+    /// `sh -c 'x'` as `docker ps` shows it.
+    pub fn command(&self) -> String {
+        let mut parts = vec![self.path.clone()];
+        parts.extend(self.args.iter().cloned());
+        parts.join(" ")
+    }
+
+    /// Docker's `Status` column text: `Up 3 seconds`, `Exited (0) 2 minutes ago`, `Created`.
+    pub fn status_text(&self) -> String {
+        match self.state.status {
+            Status::Running => format!("Up {}", since(self.state.started_at.as_deref())),
+            Status::Exited => format!(
+                "Exited ({}) {} ago",
+                self.state.exit_code,
+                since(self.state.finished_at.as_deref())
+            ),
+            Status::Created => "Created".into(),
+            Status::Removing => "Removal In Progress".into(),
+            Status::Dead => "Dead".into(),
+        }
+    }
+
+    /// The `docker inspect` document.
+    pub fn inspect(&self, log_path: String, hostname_path: String) -> ContainerInspectResponse {
+        let s = &self.state;
+        let status = match s.status {
+            Status::Created => ContainerStateStatusEnum::CREATED,
+            Status::Running => ContainerStateStatusEnum::RUNNING,
+            Status::Exited => ContainerStateStatusEnum::EXITED,
+            Status::Removing => ContainerStateStatusEnum::REMOVING,
+            Status::Dead => ContainerStateStatusEnum::DEAD,
+        };
+        ContainerInspectResponse {
+            id: Some(self.id.clone()),
+            created: Some(self.created.clone()),
+            path: Some(self.path.clone()),
+            args: Some(self.args.clone()),
+            state: Some(ContainerState {
+                status: Some(status),
+                running: Some(self.running()),
+                paused: Some(false),
+                restarting: Some(false),
+                oom_killed: Some(s.oom_killed),
+                dead: Some(s.status == Status::Dead),
+                pid: Some(if self.running() {
+                    i64::from(s.pid.unwrap_or(0))
+                } else {
+                    0
+                }),
+                exit_code: Some(s.exit_code),
+                error: Some(s.error.clone()),
+                started_at: Some(s.started_at.clone().unwrap_or_else(|| ZERO_TIME.into())),
+                finished_at: Some(s.finished_at.clone().unwrap_or_else(|| ZERO_TIME.into())),
+                health: None,
+            }),
+            image: Some(self.image_id.clone()),
+            resolv_conf_path: Some(String::new()),
+            hostname_path: Some(hostname_path),
+            hosts_path: Some(String::new()),
+            log_path: Some(log_path),
+            name: Some(format!("/{}", self.name)),
+            restart_count: Some(self.restart_count),
+            driver: Some("vessel-overlay".into()),
+            platform: Some("linux".into()),
+            mount_label: Some(String::new()),
+            process_label: Some(String::new()),
+            app_armor_profile: Some(String::new()),
+            exec_ids: None,
+            host_config: Some(self.host_config.clone()),
+            graph_driver: Some(DriverData {
+                name: "vessel-overlay".into(),
+                data: HashMap::new(),
+            }),
+            mounts: Some(vec![]),
+            config: Some(self.config.clone()),
+            network_settings: Some(NetworkSettings {
+                networks: Some(HashMap::new()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The `docker ps` row.
+    pub fn summary(&self) -> ContainerSummary {
+        let state = match self.state.status {
+            Status::Created => ContainerSummaryStateEnum::CREATED,
+            Status::Running => ContainerSummaryStateEnum::RUNNING,
+            Status::Exited => ContainerSummaryStateEnum::EXITED,
+            Status::Removing => ContainerSummaryStateEnum::REMOVING,
+            Status::Dead => ContainerSummaryStateEnum::DEAD,
+        };
+        let created = chrono::DateTime::parse_from_rfc3339(&self.created)
+            .map(|t| t.timestamp())
+            .unwrap_or(0);
+        ContainerSummary {
+            id: Some(self.id.clone()),
+            names: Some(vec![format!("/{}", self.name)]),
+            image: Some(self.image.clone()),
+            image_id: Some(self.image_id.clone()),
+            command: Some(self.command()),
+            created: Some(created),
+            ports: Some(vec![]),
+            labels: Some(self.config.labels.clone().unwrap_or_default()),
+            state: Some(state),
+            status: Some(self.status_text()),
+            host_config: Some(ContainerSummaryHostConfig {
+                network_mode: Some(
+                    self.host_config
+                        .network_mode
+                        .clone()
+                        .unwrap_or_else(|| "none".into()),
+                ),
+                ..Default::default()
+            }),
+            network_settings: Some(ContainerSummaryNetworkSettings {
+                networks: Some(HashMap::new()),
+            }),
+            mounts: Some(vec![]),
+            ..Default::default()
+        }
+    }
+}
+
+fn since(t: Option<&str>) -> String {
+    let Some(t) = t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else {
+        return "Less than a second".into();
+    };
+    let secs = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0);
+    human_duration(secs)
+}
+
+/// Docker's `units.HumanDuration`.
+pub fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s < 1 => "Less than a second".into(),
+        1 => "1 second".into(),
+        s if s < 60 => format!("{s} seconds"),
+        s if s / 60 == 1 => "About a minute".into(),
+        s if s / 60 < 60 => format!("{} minutes", s / 60),
+        s if (s as f64 / 3600.0).round() as i64 == 1 => "About an hour".into(),
+        s if s / 3600 < 48 => format!("{} hours", s / 3600),
+        s if s / 86400 < 14 => format!("{} days", s / 86400),
+        s if s / 86400 < 60 => format!("{} weeks", s / 86400 / 7),
+        s if s / 86400 < 365 * 2 => format!("{} months", s / 86400 / 30),
+        s => format!("{} years", s / 86400 / 365),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+
+    #[test]
+    fn durations_read_like_docker() {
+        assert_eq!(human_duration(0), "Less than a second");
+        assert_eq!(human_duration(5), "5 seconds");
+        assert_eq!(human_duration(70), "About a minute");
+        assert_eq!(human_duration(600), "10 minutes");
+        assert_eq!(human_duration(3 * 3600), "3 hours");
+    }
+}

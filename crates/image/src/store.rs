@@ -1,0 +1,971 @@
+//! The on-disk image store.
+//!
+//! Layout under the root:
+//! - `blobs/sha256/<hex>`: image config JSON, by digest (= image id)
+//! - `layers/sha256/<diffid-hex>.tar`: uncompressed layer tars, shared between images
+//! - `disks/<image-id-hex>.ext4`: read-only boot disk
+//! - `images/<image-id-hex>.json`: per-image metadata ([`Meta`])
+//! - `repositories.json`: familiar reference → image id
+//! - `tmp/`: staging, emptied by [`ImageStore::open`]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::archive;
+use crate::disk;
+use crate::error::{Error, IoContext, Result};
+use crate::extract::{decompress, extract_archive};
+use crate::reference::{is_hex64, Reference};
+
+/// A stored image, as the API needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    /// `sha256:<hex>`
+    pub id: String,
+    /// Familiar form, sorted: `busybox:latest`, `localhost:5000/a/b:t`.
+    pub repo_tags: Vec<String>,
+    /// Always empty for now (no registry pulls yet).
+    pub repo_digests: Vec<String>,
+    /// RFC 3339 (from the config's `created`, else the time it was stored).
+    pub created: String,
+    /// Sum of the uncompressed layer sizes, bytes.
+    pub size: u64,
+    /// The raw image config JSON.
+    pub raw_config: Value,
+    /// Typed view of the config.
+    pub config: ImageConfig,
+    /// Diff ids (`sha256:<hex>`), lowest layer first.
+    pub layers: Vec<String>,
+}
+
+/// Typed view of an image config (the parts the engine uses).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageConfig {
+    pub user: String,
+    pub env: Vec<String>,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub working_dir: String,
+    /// `"80/tcp"` style keys.
+    pub exposed_ports: Vec<String>,
+    pub volumes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub stop_signal: Option<String>,
+    pub stop_timeout: Option<i64>,
+    pub healthcheck: Option<Value>,
+    pub shell: Option<Vec<String>>,
+    pub on_build: Vec<String>,
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+    pub author: String,
+    pub comment: String,
+    pub docker_version: String,
+}
+
+/// One line of an image delete response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteItem {
+    Untagged(String),
+    Deleted(String),
+}
+
+#[derive(Deserialize, Default)]
+struct RawContainerConfig {
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+    #[serde(rename = "Env", default)]
+    env: Option<Vec<String>>,
+    #[serde(rename = "Entrypoint", default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    cmd: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    working_dir: Option<String>,
+    #[serde(rename = "ExposedPorts", default)]
+    exposed_ports: Option<BTreeMap<String, Value>>,
+    #[serde(rename = "Volumes", default)]
+    volumes: Option<BTreeMap<String, Value>>,
+    #[serde(rename = "Labels", default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(rename = "StopSignal", default)]
+    stop_signal: Option<String>,
+    #[serde(rename = "StopTimeout", default)]
+    stop_timeout: Option<i64>,
+    #[serde(rename = "Healthcheck", default)]
+    healthcheck: Option<Value>,
+    #[serde(rename = "Shell", default)]
+    shell: Option<Vec<String>>,
+    #[serde(rename = "OnBuild", default)]
+    on_build: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct RawRootfs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    config: Option<RawContainerConfig>,
+    rootfs: RawRootfs,
+    #[serde(default)]
+    os: Option<String>,
+    #[serde(default)]
+    architecture: Option<String>,
+    #[serde(default)]
+    variant: Option<String>,
+    #[serde(default)]
+    author: Option<String>,
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    docker_version: Option<String>,
+    #[serde(default)]
+    created: Option<String>,
+}
+
+/// Parse an image config; returns the typed config, diff id hexes and `created`.
+fn parse_config(
+    v: &Value,
+) -> std::result::Result<(ImageConfig, Vec<String>, Option<String>), String> {
+    let raw: RawConfig =
+        serde_json::from_value(v.clone()).map_err(|e| format!("image config: {e}"))?;
+    let mut diff = Vec::new();
+    for d in &raw.rootfs.diff_ids {
+        match d.split_once(':') {
+            Some(("sha256", h)) if is_hex64(h) => diff.push(h.to_string()),
+            _ => return Err(format!("unsupported diff id {d:?}")),
+        }
+    }
+    let c = raw.config.unwrap_or_default();
+    let cfg = ImageConfig {
+        user: c.user.unwrap_or_default(),
+        env: c.env.unwrap_or_default(),
+        entrypoint: c.entrypoint,
+        cmd: c.cmd,
+        working_dir: c.working_dir.unwrap_or_default(),
+        exposed_ports: c
+            .exposed_ports
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default(),
+        volumes: c
+            .volumes
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default(),
+        labels: c.labels.unwrap_or_default(),
+        stop_signal: c.stop_signal.filter(|s| !s.is_empty()),
+        stop_timeout: c.stop_timeout,
+        healthcheck: c.healthcheck.filter(|h| !h.is_null()),
+        shell: c.shell,
+        on_build: c.on_build.unwrap_or_default(),
+        os: raw.os.unwrap_or_else(|| "linux".into()),
+        architecture: raw.architecture.unwrap_or_else(|| "amd64".into()),
+        variant: raw.variant.filter(|s| !s.is_empty()),
+        author: raw.author.unwrap_or_default(),
+        comment: raw.comment.unwrap_or_default(),
+        docker_version: raw.docker_version.unwrap_or_default(),
+    };
+    Ok((cfg, diff, raw.created))
+}
+
+/// Per-image metadata, `images/<hex>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    /// When the image entered the store (RFC 3339).
+    stored: String,
+    /// Diff id hexes, lowest first.
+    layers: Vec<String>,
+    /// Uncompressed sizes of `layers`.
+    layer_sizes: Vec<u64>,
+}
+
+#[derive(Default, Clone)]
+struct State {
+    /// familiar reference (`busybox:latest`) → image id hex
+    repos: BTreeMap<String, String>,
+    images: HashMap<String, Meta>,
+}
+
+/// The image store. `Send + Sync`; all methods block.
+pub struct ImageStore {
+    root: PathBuf,
+    state: RwLock<State>,
+    /// Serialises boot disk builds.
+    disk_lock: Mutex<()>,
+}
+
+/// Removes a staging directory when dropped.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.0.display(), error = %e, "cannot remove staging directory");
+            }
+        }
+    }
+}
+
+struct HashReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Write `data` to `path` atomically (temp file in the same dir, fsync, rename).
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{:x}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        rand::random::<u64>()
+    ));
+    let res = (|| {
+        let mut f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().ctx(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .ctx(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn short(id: &str) -> &str {
+    let h = id.strip_prefix("sha256:").unwrap_or(id);
+    &h[..h.len().min(12)]
+}
+
+/// A staged layer: uncompressed tar at `path` (in staging, or already in the store).
+struct StagedLayer {
+    diff: String,
+    size: u64,
+    path: PathBuf,
+    in_store: bool,
+}
+
+/// A staged image ready to commit.
+struct StagedImage {
+    hex: String,
+    config: Vec<u8>,
+    layers: Vec<StagedLayer>,
+    disk: Option<PathBuf>,
+    tags: Vec<Reference>,
+    created: Option<String>,
+}
+
+impl ImageStore {
+    /// Open (creating if needed) the store at `root`; clears stale `tmp/` entries.
+    pub fn open(root: &Path) -> Result<ImageStore> {
+        for d in ["blobs/sha256", "layers/sha256", "disks", "images", "tmp"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
+        }
+        let root = fs::canonicalize(root).ctx(|| format!("resolving {}", root.display()))?;
+        let tmp = root.join("tmp");
+        for ent in fs::read_dir(&tmp).ctx(|| format!("reading {}", tmp.display()))? {
+            let p = ent.ctx(|| format!("reading {}", tmp.display()))?.path();
+            let r = if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            r.ctx(|| format!("removing stale {}", p.display()))?;
+        }
+        let mut state = State::default();
+        let images_dir = root.join("images");
+        for ent in fs::read_dir(&images_dir).ctx(|| format!("reading {}", images_dir.display()))? {
+            let p = ent
+                .ctx(|| format!("reading {}", images_dir.display()))?
+                .path();
+            let Some(hex) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if !is_hex64(hex) {
+                continue;
+            }
+            let data = fs::read(&p).ctx(|| format!("reading {}", p.display()))?;
+            let meta: Meta = serde_json::from_slice(&data)
+                .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))?;
+            state.images.insert(hex.to_string(), meta);
+        }
+        let repos_path = root.join("repositories.json");
+        match fs::read(&repos_path) {
+            Ok(data) => {
+                state.repos = serde_json::from_slice(&data)
+                    .map_err(|e| Error::Corrupt(format!("{}: {e}", repos_path.display())))?;
+                state.repos.retain(|r, id| {
+                    let keep = state.images.contains_key(id);
+                    if !keep {
+                        tracing::warn!(reference = %r, "dropping reference to missing image");
+                    }
+                    keep
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx(|| format!("reading {}", repos_path.display())),
+        }
+        Ok(ImageStore {
+            root,
+            state: RwLock::new(state),
+            disk_lock: Mutex::new(()),
+        })
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn blob_path(&self, hex: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(hex)
+    }
+    fn layer_path(&self, diff: &str) -> PathBuf {
+        self.root.join("layers/sha256").join(format!("{diff}.tar"))
+    }
+    fn disk_path(&self, hex: &str) -> PathBuf {
+        self.root.join("disks").join(format!("{hex}.ext4"))
+    }
+    fn meta_path(&self, hex: &str) -> PathBuf {
+        self.root.join("images").join(format!("{hex}.json"))
+    }
+
+    fn staging(&self, what: &str) -> Result<Staging> {
+        let p = self
+            .root
+            .join("tmp")
+            .join(format!("{what}-{:016x}", rand::random::<u64>()));
+        fs::create_dir(&p).ctx(|| format!("creating {}", p.display()))?;
+        Ok(Staging(p))
+    }
+
+    fn save_repos(&self, st: &State) -> Result<()> {
+        let data =
+            serde_json::to_vec_pretty(&st.repos).map_err(|e| Error::Corrupt(e.to_string()))?;
+        write_atomic(&self.root.join("repositories.json"), &data)
+    }
+
+    /// Decompress `reader` into `out`, returning (diff id hex, size, blob digest hex).
+    fn stage_layer<R: Read>(reader: R, out: &Path) -> Result<(String, u64, String)> {
+        let mut raw = HashReader {
+            inner: reader,
+            hasher: Sha256::new(),
+        };
+        let mut plain = HashReader {
+            inner: decompress(&mut raw)?,
+            hasher: Sha256::new(),
+        };
+        let f = File::create(out).ctx(|| format!("creating {}", out.display()))?;
+        let mut w = BufWriter::with_capacity(256 * 1024, f);
+        let size = io::copy(&mut plain, &mut w)
+            .map_err(|e| Error::InvalidLayer(format!("decompressing layer: {e}")))?;
+        w.flush().ctx(|| format!("writing {}", out.display()))?;
+        let diff = hex::encode(plain.hasher.finalize_reset());
+        drop(plain);
+        // Read any trailing bytes so the blob digest covers the whole blob.
+        io::copy(&mut raw, &mut io::sink()).ctx(|| "reading layer blob".to_string())?;
+        let blob = hex::encode(raw.hasher.finalize());
+        Ok((diff, size, blob))
+    }
+
+    /// Build a boot disk from layer tars into a staging dir; returns the disk file.
+    fn stage_disk(&self, staging: &Path, hex: &str, layers: &[&Path]) -> Result<PathBuf> {
+        let rootfs = staging.join(format!("rootfs-{hex}"));
+        let out = staging.join(format!("disk-{hex}.ext4"));
+        let r = disk::build(layers, &rootfs, &out);
+        if let Err(e) = fs::remove_dir_all(&rootfs) {
+            tracing::warn!(path = %rootfs.display(), error = %e, "cannot remove rootfs staging");
+        }
+        r.map(|()| out)
+    }
+
+    /// Load a `docker save` archive (classic, Docker 25+/OCI, or OCI-only layout).
+    /// Returns Docker's output lines (`Loaded image: busybox:latest`,
+    /// `Loaded image ID: sha256:...`). On error nothing is left behind.
+    pub fn load(&self, reader: impl Read) -> Result<Vec<String>> {
+        let staging = self.staging("load")?;
+        let ar = staging.0.join("archive");
+        fs::create_dir(&ar).ctx(|| format!("creating {}", ar.display()))?;
+        extract_archive(reader, &ar).map_err(|e| match e {
+            Error::InvalidLayer(m) => Error::InvalidArchive(m),
+            e => e,
+        })?;
+        let candidates = archive::read(&ar)?;
+        if candidates.is_empty() {
+            return Err(Error::InvalidArchive("archive contains no images".into()));
+        }
+        let out_dir = staging.0.join("out");
+        fs::create_dir(&out_dir).ctx(|| format!("creating {}", out_dir.display()))?;
+        let mut staged: Vec<StagedImage> = Vec::new();
+        let mut staged_layers: HashMap<String, (PathBuf, u64)> = HashMap::new();
+        for cand in candidates {
+            let hex = hex::encode(Sha256::digest(&cand.config));
+            let value: Value = serde_json::from_slice(&cand.config)
+                .map_err(|e| Error::InvalidArchive(format!("config {hex}: {e}")))?;
+            let (_, diffs, created) = parse_config(&value)
+                .map_err(|e| Error::InvalidArchive(format!("config {hex}: {e}")))?;
+            if diffs.len() != cand.layers.len() {
+                return Err(Error::InvalidArchive(format!(
+                    "image {hex}: config has {} diff ids but the manifest lists {} layers",
+                    diffs.len(),
+                    cand.layers.len()
+                )));
+            }
+            let existing = self.read_state().images.get(&hex).cloned();
+            let mut layers = Vec::new();
+            for (i, (blob, diff)) in cand.layers.iter().zip(&diffs).enumerate() {
+                if let Some(m) = existing.as_ref().filter(|m| m.layers.get(i) == Some(diff)) {
+                    let path = self.layer_path(diff);
+                    if path.is_file() {
+                        layers.push(StagedLayer {
+                            diff: diff.clone(),
+                            size: m.layer_sizes.get(i).copied().unwrap_or(0),
+                            path,
+                            in_store: true,
+                        });
+                        continue;
+                    }
+                }
+                if let Some((path, size)) = staged_layers.get(diff) {
+                    layers.push(StagedLayer {
+                        diff: diff.clone(),
+                        size: *size,
+                        path: path.clone(),
+                        in_store: false,
+                    });
+                    continue;
+                }
+                let out = out_dir.join(format!("{diff}.tar"));
+                let f =
+                    File::open(&blob.path).ctx(|| format!("opening {}", blob.path.display()))?;
+                let (got, size, blob_hex) =
+                    Self::stage_layer(BufReader::new(f), &out).map_err(|e| match e {
+                        Error::InvalidLayer(m) | Error::InvalidArchive(m) => {
+                            Error::InvalidArchive(m)
+                        }
+                        e => e,
+                    })?;
+                if let Some(expect) = &blob.blob_digest {
+                    if *expect != blob_hex {
+                        return Err(Error::InvalidArchive(format!(
+                            "layer blob digest mismatch: expected sha256:{expect}, got sha256:{blob_hex}"
+                        )));
+                    }
+                }
+                if got != *diff {
+                    return Err(Error::InvalidArchive(format!(
+                        "layer diff id mismatch: config says sha256:{diff}, content is sha256:{got}"
+                    )));
+                }
+                staged_layers.insert(diff.clone(), (out.clone(), size));
+                layers.push(StagedLayer {
+                    diff: diff.clone(),
+                    size,
+                    path: out,
+                    in_store: false,
+                });
+            }
+            if let Some(s) = staged.iter_mut().find(|s| s.hex == hex) {
+                s.tags.extend(cand.tags);
+                continue;
+            }
+            let disk = if existing.is_some() && self.disk_path(&hex).is_file() {
+                None
+            } else {
+                let paths: Vec<&Path> = layers.iter().map(|l| l.path.as_path()).collect();
+                Some(
+                    self.stage_disk(&staging.0, &hex, &paths)
+                        .map_err(|e| match e {
+                            Error::InvalidLayer(m) => Error::InvalidArchive(m),
+                            e => e,
+                        })?,
+                )
+            };
+            staged.push(StagedImage {
+                hex,
+                config: cand.config,
+                layers,
+                disk,
+                tags: cand.tags,
+                created,
+            });
+        }
+        let mut lines = Vec::new();
+        {
+            let mut st = self.write_state();
+            let before = st.clone();
+            let mut created_files: Vec<PathBuf> = Vec::new();
+            let res = self.commit(&mut st, &staged, &mut created_files, &mut lines);
+            if let Err(e) = res {
+                for p in created_files.iter().rev() {
+                    let _ = fs::remove_file(p);
+                }
+                *st = before;
+                let _ = self.save_repos(&st);
+                return Err(e);
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Move staged images into the store; records new files in `created`.
+    fn commit(
+        &self,
+        st: &mut State,
+        staged: &[StagedImage],
+        created: &mut Vec<PathBuf>,
+        lines: &mut Vec<String>,
+    ) -> Result<()> {
+        for img in staged {
+            let blob = self.blob_path(&img.hex);
+            if !blob.is_file() {
+                write_atomic(&blob, &img.config)?;
+                created.push(blob);
+            }
+            for l in &img.layers {
+                let dst = self.layer_path(&l.diff);
+                if l.in_store || dst.is_file() {
+                    continue;
+                }
+                if l.path.is_file() {
+                    fs::rename(&l.path, &dst)
+                        .ctx(|| format!("moving layer into {}", dst.display()))?;
+                    created.push(dst);
+                }
+            }
+            if let Some(d) = &img.disk {
+                let dst = self.disk_path(&img.hex);
+                fs::rename(d, &dst).ctx(|| format!("moving boot disk into {}", dst.display()))?;
+                created.push(dst);
+            }
+            if !st.images.contains_key(&img.hex) {
+                let meta = Meta {
+                    stored: img.created.clone().unwrap_or_else(now_rfc3339),
+                    layers: img.layers.iter().map(|l| l.diff.clone()).collect(),
+                    layer_sizes: img.layers.iter().map(|l| l.size).collect(),
+                };
+                let mp = self.meta_path(&img.hex);
+                let data =
+                    serde_json::to_vec_pretty(&meta).map_err(|e| Error::Corrupt(e.to_string()))?;
+                write_atomic(&mp, &data)?;
+                created.push(mp);
+                st.images.insert(img.hex.clone(), meta);
+            }
+            if img.tags.is_empty() {
+                lines.push(format!("Loaded image ID: sha256:{}", img.hex));
+            }
+            for t in &img.tags {
+                let name = t.familiar();
+                if let Some(old) = st.repos.insert(name.clone(), img.hex.clone()) {
+                    if old != img.hex {
+                        lines.push(format!(
+                            "The image {name} already exists, renaming the old one with ID sha256:{old} to empty string"
+                        ));
+                    }
+                }
+                lines.push(format!("Loaded image: {name}"));
+            }
+        }
+        self.save_repos(st)
+    }
+
+    /// Import a root filesystem tarball (plain, gzip or zstd) as a one-layer image.
+    /// `changes` are Dockerfile instructions (see [`crate::apply_changes`]).
+    /// Returns the image id (`sha256:<hex>`).
+    pub fn import(
+        &self,
+        reader: impl Read,
+        reference: Option<&str>,
+        changes: &[String],
+        message: &str,
+    ) -> Result<String> {
+        let tag = match reference {
+            Some(r) if !r.is_empty() => {
+                let r = Reference::parse(r)?;
+                if r.digest.is_some() {
+                    return Err(Error::InvalidReference(
+                        "refusing to create a tag with a digest reference".into(),
+                    ));
+                }
+                Some(r.with_default_tag())
+            }
+            _ => None,
+        };
+        let mut cc = Map::new();
+        crate::changes::apply_changes(&mut cc, changes)?;
+        let staging = self.staging("import")?;
+        let layer = staging.0.join("layer.tar");
+        let (diff, size, _) = Self::stage_layer(reader, &layer)?;
+        let now = now_rfc3339();
+        let comment = if message.is_empty() {
+            "Imported from -".to_string()
+        } else {
+            message.to_string()
+        };
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "created": now,
+            "comment": comment,
+            "config": Value::Object(cc),
+            "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff}")] },
+            "history": [ { "created": now, "comment": comment } ],
+        });
+        let bytes = serde_json::to_vec(&config).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let hex = hex::encode(Sha256::digest(&bytes));
+        let disk = self.stage_disk(&staging.0, &hex, &[layer.as_path()])?;
+        let staged = StagedImage {
+            hex: hex.clone(),
+            config: bytes,
+            layers: vec![StagedLayer {
+                diff,
+                size,
+                path: layer,
+                in_store: false,
+            }],
+            disk: Some(disk),
+            tags: tag.into_iter().collect(),
+            created: Some(now),
+        };
+        let mut st = self.write_state();
+        let before = st.clone();
+        let mut created_files = Vec::new();
+        if let Err(e) = self.commit(
+            &mut st,
+            std::slice::from_ref(&staged),
+            &mut created_files,
+            &mut Vec::new(),
+        ) {
+            for p in created_files.iter().rev() {
+                let _ = fs::remove_file(p);
+            }
+            *st = before;
+            let _ = self.save_repos(&st);
+            return Err(e);
+        }
+        Ok(format!("sha256:{hex}"))
+    }
+
+    /// Find the image hex for a name: full id, `sha256:` id, reference, or unambiguous id prefix.
+    /// Returns (hex, Some(familiar reference) if found by reference).
+    fn lookup(st: &State, name: &str) -> Result<(String, Option<String>)> {
+        let not_found = || Error::NotFound(name.to_string());
+        if let Some(h) = name.strip_prefix("sha256:") {
+            if is_hex64(h) {
+                return st
+                    .images
+                    .contains_key(h)
+                    .then(|| (h.to_string(), None))
+                    .ok_or_else(not_found);
+            }
+            return Self::by_prefix(st, h, name);
+        }
+        if is_hex64(name) {
+            return st
+                .images
+                .contains_key(name)
+                .then(|| (name.to_string(), None))
+                .ok_or_else(not_found);
+        }
+        if let Ok(r) = Reference::parse(name) {
+            let r = r.with_default_tag();
+            if r.digest.is_some() {
+                // No repo digests are recorded yet.
+                return Err(not_found());
+            }
+            let fam = r.familiar();
+            if let Some(h) = st.repos.get(&fam) {
+                return Ok((h.clone(), Some(fam)));
+            }
+        }
+        Self::by_prefix(st, name, name)
+    }
+
+    fn by_prefix(st: &State, prefix: &str, name: &str) -> Result<(String, Option<String>)> {
+        if prefix.is_empty()
+            || !prefix
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        let mut m = st.images.keys().filter(|h| h.starts_with(prefix));
+        match (m.next(), m.next()) {
+            (Some(h), None) => Ok((h.clone(), None)),
+            (None, _) => Err(Error::NotFound(name.to_string())),
+            (Some(_), Some(_)) => Err(Error::Ambiguous(format!(
+                "multiple IDs found with provided prefix: {prefix}"
+            ))),
+        }
+    }
+
+    fn image(&self, st: &State, hex: &str) -> Result<Image> {
+        let meta = st
+            .images
+            .get(hex)
+            .ok_or_else(|| Error::NotFound(hex.to_string()))?;
+        let bp = self.blob_path(hex);
+        let data = fs::read(&bp).ctx(|| format!("reading image config {}", bp.display()))?;
+        let raw: Value = serde_json::from_slice(&data)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", bp.display())))?;
+        let (config, diffs, created) =
+            parse_config(&raw).map_err(|e| Error::Corrupt(format!("{}: {e}", bp.display())))?;
+        let repo_tags = st
+            .repos
+            .iter()
+            .filter(|(_, h)| *h == hex)
+            .map(|(r, _)| r.clone())
+            .collect();
+        Ok(Image {
+            id: format!("sha256:{hex}"),
+            repo_tags,
+            repo_digests: Vec::new(),
+            created: created.unwrap_or_else(|| meta.stored.clone()),
+            size: meta.layer_sizes.iter().sum(),
+            raw_config: raw,
+            config,
+            layers: diffs.iter().map(|d| format!("sha256:{d}")).collect(),
+        })
+    }
+
+    /// Resolve a reference (tag defaults to `latest`), full id, hex id or unambiguous id prefix.
+    pub fn resolve(&self, name_or_id: &str) -> Result<Image> {
+        let st = self.read_state();
+        let (hex, _) = Self::lookup(&st, name_or_id)?;
+        self.image(&st, &hex)
+    }
+
+    /// All images, newest first.
+    pub fn list(&self) -> Vec<Image> {
+        let st = self.read_state();
+        let mut out: Vec<Image> = st
+            .images
+            .keys()
+            .filter_map(|h| match self.image(&st, h) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::warn!(image = %h, error = %e, "skipping unreadable image");
+                    None
+                }
+            })
+            .collect();
+        let key = |i: &Image| {
+            chrono::DateTime::parse_from_rfc3339(&i.created)
+                .map(|d| d.timestamp_nanos_opt().unwrap_or(0))
+                .unwrap_or(0)
+        };
+        out.sort_by(|a, b| key(b).cmp(&key(a)).then_with(|| a.id.cmp(&b.id)));
+        out
+    }
+
+    /// Tag `image` (any name `resolve` accepts) as `reference` (tag defaults to latest).
+    pub fn tag(&self, image: &str, reference: &str) -> Result<()> {
+        let r = Reference::parse(reference)?;
+        if r.digest.is_some() {
+            return Err(Error::InvalidReference(
+                "refusing to create a tag with a digest reference".into(),
+            ));
+        }
+        let fam = r.with_default_tag().familiar();
+        let mut st = self.write_state();
+        let (hex, _) = Self::lookup(&st, image)?;
+        let old = st.repos.insert(fam.clone(), hex);
+        if let Err(e) = self.save_repos(&st) {
+            match old {
+                Some(o) => st.repos.insert(fam, o),
+                None => st.repos.remove(&fam),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Remove an image or a reference, with Docker's semantics (see the crate docs).
+    /// `users(image_id)` gets `sha256:<hex>` and returns the containers using the
+    /// image as (container id, running).
+    pub fn remove(
+        &self,
+        name_or_id: &str,
+        force: bool,
+        users: &dyn Fn(&str) -> Vec<(String, bool)>,
+    ) -> Result<Vec<DeleteItem>> {
+        let mut st = self.write_state();
+        let (hex, by_ref) = Self::lookup(&st, name_or_id)?;
+        let id = format!("sha256:{hex}");
+        let refs: Vec<String> = st
+            .repos
+            .iter()
+            .filter(|(_, h)| **h == hex)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let using = users(&id);
+        let running = using
+            .iter()
+            .find(|(_, r)| *r)
+            .map(|(c, _)| short(c).to_string());
+        let stopped = using
+            .iter()
+            .find(|(_, r)| !*r)
+            .map(|(c, _)| short(c).to_string());
+        let any_user = using.first().map(|(c, _)| short(c).to_string());
+        let sid = short(&hex).to_string();
+        let mut items = Vec::new();
+        let before = st.repos.clone();
+        if let Some(fam) = by_ref {
+            if !force && refs.len() <= 1 {
+                if let Some(c) = &any_user {
+                    return Err(Error::Conflict(format!(
+                        "conflict: unable to remove repository reference \"{name_or_id}\" (must force) - container {c} is using its referenced image {sid}"
+                    )));
+                }
+            }
+            st.repos.remove(&fam);
+            items.push(DeleteItem::Untagged(fam));
+            if refs.len() > 1 || any_user.is_some() {
+                // Other references remain, or (forced) containers still need the image:
+                // untag only.
+                self.save_repos(&st)
+                    .inspect_err(|_| st.repos = before.clone())?;
+                return Ok(items);
+            }
+        } else {
+            if let Some(c) = &running {
+                return Err(Error::Conflict(format!(
+                    "conflict: unable to delete {sid} (cannot be forced) - image is being used by running container {c}"
+                )));
+            }
+            if !force {
+                if refs.len() > 1 {
+                    return Err(Error::Conflict(format!(
+                        "conflict: unable to delete {sid} (must be forced) - image is referenced in multiple repositories"
+                    )));
+                }
+                if let Some(c) = &stopped {
+                    return Err(Error::Conflict(format!(
+                        "conflict: unable to delete {sid} (must be forced) - image is being used by stopped container {c}"
+                    )));
+                }
+            }
+            for r in &refs {
+                st.repos.remove(r);
+                items.push(DeleteItem::Untagged(r.clone()));
+            }
+            if stopped.is_some() {
+                // Forced with stopped users: keep the image, their boot disk is needed.
+                self.save_repos(&st)
+                    .inspect_err(|_| st.repos = before.clone())?;
+                return Ok(items);
+            }
+        }
+        self.save_repos(&st)
+            .inspect_err(|_| st.repos = before.clone())?;
+        // Delete the image.
+        let meta = st.images.remove(&hex);
+        let mp = self.meta_path(&hex);
+        if let Err(e) = fs::remove_file(&mp) {
+            if e.kind() != io::ErrorKind::NotFound {
+                if let Some(m) = meta {
+                    st.images.insert(hex.clone(), m);
+                }
+                return Err(e).ctx(|| format!("removing {}", mp.display()));
+            }
+        }
+        let still_used: HashSet<&String> =
+            st.images.values().flat_map(|m| m.layers.iter()).collect();
+        let mut garbage = vec![self.blob_path(&hex), self.disk_path(&hex)];
+        if let Some(m) = &meta {
+            garbage.extend(
+                m.layers
+                    .iter()
+                    .filter(|l| !still_used.contains(l))
+                    .map(|l| self.layer_path(l)),
+            );
+        }
+        for p in garbage {
+            if let Err(e) = fs::remove_file(&p) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove image file");
+                }
+            }
+        }
+        items.push(DeleteItem::Deleted(id));
+        Ok(items)
+    }
+
+    /// The image's read-only ext4 boot disk, built if missing.
+    pub fn boot_disk(&self, id: &str) -> Result<PathBuf> {
+        let (hex, meta) = {
+            let st = self.read_state();
+            let (hex, _) = Self::lookup(&st, id)?;
+            let meta = st
+                .images
+                .get(&hex)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(id.to_string()))?;
+            (hex, meta)
+        };
+        let path = self.disk_path(&hex);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let _g = self.disk_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if path.is_file() {
+            return Ok(path);
+        }
+        let layers: Vec<PathBuf> = meta.layers.iter().map(|l| self.layer_path(l)).collect();
+        let refs: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
+        let staging = self.staging("disk")?;
+        let built = self.stage_disk(&staging.0, &hex, &refs)?;
+        fs::rename(&built, &path).ctx(|| format!("moving boot disk into {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<ImageStore>();
+}

@@ -1,0 +1,251 @@
+//! The QEMU driver: one `qemu-system-x86_64 -M microvm` process per container.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Accel, Hypervisor, VmError, VmProcess, VmSpec};
+
+/// File names inside a VM's run directory.
+pub const CONTROL_SOCKET: &str = "ctl.sock";
+/// QMP socket of the VM (kept for pause, resize and snapshots).
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// QEMU's pid file.
+pub const PID_FILE: &str = "qemu.pid";
+/// The guest's serial console.
+pub const CONSOLE_LOG: &str = "console.log";
+/// QEMU's own stderr.
+pub const QEMU_LOG: &str = "qemu.log";
+
+/// The QEMU hypervisor driver.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    binary: PathBuf,
+    accel: Accel,
+    version: String,
+}
+
+impl Qemu {
+    /// A driver for `binary` with the acceleration chosen by the probe.
+    pub fn new(binary: PathBuf, accel: Accel) -> Result<Self, VmError> {
+        let out = Command::new(&binary)
+            .arg("--version")
+            .output()
+            .map_err(|e| VmError::io(format!("run {} --version", binary.display()), e))?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.split("version ").nth(1))
+            .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(Self {
+            binary,
+            accel,
+            version,
+        })
+    }
+
+    /// QEMU's version string.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The full argument list for `spec` (without the binary).
+    pub fn args(&self, spec: &VmSpec) -> Vec<String> {
+        let run = |f: &str| spec.run_dir.join(f).display().to_string();
+        let cpu = match self.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        };
+        let mut cmdline = String::from("console=ttyS0 quiet reboot=t panic=-1");
+        cmdline.push_str(" vessel.transport=virtio-serial");
+        let mut a: Vec<String> = vec![];
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("vessel-{}", spec.name)]);
+        push(&["-machine", "microvm,acpi=off,x-option-roms=off,rtc=off"]);
+        push(&["-accel", self.accel.as_str(), "-cpu", cpu]);
+        push(&[
+            "-m",
+            &format!("{}M", spec.memory_mib),
+            "-smp",
+            &spec.vcpus.to_string(),
+        ]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        push(&["-kernel", &spec.kernel.display().to_string()]);
+        push(&["-initrd", &spec.initrd.display().to_string()]);
+        push(&["-append", &cmdline]);
+        push(&[
+            "-chardev",
+            &format!("file,id=con,path={}", run(CONSOLE_LOG)),
+            "-serial",
+            "chardev:con",
+        ]);
+        // Device slots, identical for every container VM.
+        push(&[
+            "-drive",
+            &format!(
+                "id=img,file={},format=raw,if=none,read-only=on",
+                spec.image_disk.display()
+            ),
+        ]);
+        push(&["-device", "virtio-blk-device,drive=img,serial=image"]);
+        push(&[
+            "-drive",
+            &format!(
+                "id=upper,file={},format=qcow2,if=none,discard=unmap",
+                spec.upper_disk.display()
+            ),
+        ]);
+        push(&["-device", "virtio-blk-device,drive=upper,serial=upper"]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=ctl,path={},server=on,wait=off",
+                run(CONTROL_SOCKET)
+            ),
+        ]);
+        push(&["-device", "virtio-serial-device,max_ports=2"]);
+        push(&[
+            "-device",
+            &format!(
+                "virtserialport,chardev=ctl,name={}",
+                vessel_protocol::VIRTIO_PORT_NAME
+            ),
+        ]);
+        push(&[
+            "-object",
+            "rng-random,id=rng,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-device,rng=rng",
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", run(QMP_SOCKET)),
+        ]);
+        push(&["-pidfile", &run(PID_FILE)]);
+        a
+    }
+}
+
+impl Hypervisor for Qemu {
+    fn describe(&self) -> String {
+        format!("qemu {} ({})", self.version, self.accel.as_str())
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn spawn(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
+        std::fs::create_dir_all(&spec.run_dir)
+            .map_err(|e| VmError::io(format!("create {}", spec.run_dir.display()), e))?;
+        let ctl = spec.run_dir.join(CONTROL_SOCKET);
+        for f in [CONTROL_SOCKET, QMP_SOCKET, PID_FILE] {
+            let _ = std::fs::remove_file(spec.run_dir.join(f));
+        }
+        let log_path = spec.run_dir.join(QEMU_LOG);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| VmError::io(format!("open {}", log_path.display()), e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| VmError::io("dup qemu log", e))?;
+        let mut child = Command::new(&self.binary)
+            .args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: signals aimed at the daemon (Ctrl-C, a
+            // service manager stopping it) must not reach the VMs.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| VmError::io(format!("run {}", self.binary.display()), e))?;
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ctl.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let msg = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(VmError::Spawn(format!(
+                    "qemu exited with {status}: {}",
+                    msg.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(VmError::Spawn(
+                    "qemu did not create its control socket within 20s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The child handle is dropped without waiting: the engine reaps the
+        // process through its pid (see `wait_exit`), also after a restart.
+        Ok(VmProcess {
+            pid,
+            control_socket: ctl,
+        })
+    }
+}
+
+/// Reads the pid QEMU wrote for the VM in `run_dir`.
+pub fn read_pid(run_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(run_dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "abc".into(),
+            run_dir: "/run/x".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            image_disk: "/img.ext4".into(),
+            upper_disk: "/up.qcow2".into(),
+            memory_mib: 256,
+            vcpus: 2,
+        }
+    }
+
+    #[test]
+    fn device_layout_does_not_depend_on_the_container() {
+        let q = Qemu {
+            binary: "qemu".into(),
+            accel: Accel::Tcg,
+            version: "7.2".into(),
+        };
+        let a = q.args(&spec());
+        let mut other = spec();
+        other.name = "def".into();
+        other.image_disk = "/other.ext4".into();
+        other.upper_disk = "/other.qcow2".into();
+        let b = q.args(&other);
+        let devices = |args: &[String]| -> Vec<String> {
+            args.windows(2)
+                .filter(|w| w[0] == "-device")
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        assert_eq!(devices(&a), devices(&b));
+        assert!(a.contains(&"vessel-abc".to_string()));
+        assert!(a.join(" ").contains("-m 256M -smp 2"));
+        assert!(a.join(" ").contains("-accel tcg -cpu max"));
+    }
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything Vessel needs on a Debian 12 host and builds it:
+#   - Debian packages (QEMU, e2fsprogs, the kernel source and its build tools,
+#     busybox-static for the demo and test images, the local registry);
+#   - the guest kernel (built once, cached under $VESSEL_CACHE);
+#   - the release daemon and the static guest agent;
+#   - the guest files installed into $VESSEL_GUEST_DIR (default /usr/local/lib/vessel).
+# Idempotent: a second run only checks.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+guest_dir=${VESSEL_GUEST_DIR:-/usr/local/lib/vessel}
+
+packages=(qemu-system-x86 qemu-utils e2fsprogs linux-source-6.1 build-essential flex bison bc
+          libelf-dev libssl-dev busybox-static python3 docker-registry)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+# The registry package starts a system service on install; tests run their own.
+systemctl disable --now docker-registry >/dev/null 2>&1 || true
+
+kernel=$("$here/scripts/build-kernel.sh")
+
+cd "$here"
+echo "building vessel (release)" >&2
+cargo build --release --locked -p vessel >&2
+echo "building the guest agent (static)" >&2
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p vessel-agent \
+    --target x86_64-unknown-linux-gnu >&2
+
+mkdir -p "$guest_dir"
+install -m 0644 "$kernel" "$guest_dir/vmlinux.new" && mv "$guest_dir/vmlinux.new" "$guest_dir/vmlinux"
+install -m 0644 "$(dirname "$kernel")/release" "$guest_dir/release"
+install -m 0755 target/x86_64-unknown-linux-gnu/release/vessel-init "$guest_dir/vessel-init.new"
+mv "$guest_dir/vessel-init.new" "$guest_dir/vessel-init"
+echo "guest kernel $(cat "$guest_dir/release") and agent installed in $guest_dir" >&2
