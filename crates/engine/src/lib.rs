@@ -599,7 +599,32 @@ impl Engine {
     /// `POST /containers/{id}/start`.
     pub async fn start(&self, name_or_id: &str) -> Result<(), EngineError> {
         let h = self.lookup(name_or_id)?;
-        let _op = h.op.lock().await;
+        let result = {
+            let _op = h.op.lock().await;
+            self.start_locked(&h).await
+        };
+        match result {
+            Err(EngineError::NotModified) => Err(EngineError::NotModified),
+            Err(e) => {
+                let rec = h.update(|r| {
+                    if r.state.error.is_empty() {
+                        r.state.error = e.to_string();
+                    }
+                });
+                let _ = self.persist(&rec);
+                let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+                // Docker removes an auto-remove container whose start failed;
+                // `docker run --rm` waits for that removal.
+                if rec.host_config.auto_remove == Some(true) {
+                    let _ = self.remove(&rec.id, true).await;
+                }
+                Err(e)
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    async fn start_locked(&self, h: &Arc<Handle>) -> Result<(), EngineError> {
         let rec = h.rec();
         match rec.state.status {
             Status::Running => return Err(EngineError::NotModified),
@@ -697,7 +722,7 @@ impl Engine {
             };
         });
         self.persist(&rec)?;
-        self.go_live(&h, writer).await;
+        self.go_live(h, writer).await;
         h.status.send_modify(|w| w.running = true);
         info!(
             id = %rec.id,
