@@ -5,6 +5,11 @@
 //! state change (`Started`, `Exited`, the `State` answer to `Hello`) is
 //! written while `state` is held, so the host sees them in a consistent
 //! order.
+//!
+//! Output is kept until the host acknowledges it (see `channel::Writer`):
+//! the answer to `Hello` replays what is unacknowledged between the sync
+//! marker and the `State` message, so every output frame still precedes the
+//! report of the exit.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,6 +111,7 @@ impl Agent {
                 crate::log!("shutdown requested");
                 system::reboot();
             }
+            HostMsg::Ack { seq } => self.writer.ack(seq),
         }
     }
 
@@ -117,9 +123,11 @@ impl Agent {
         }
     }
 
+    /// Answers `Hello`: the sync marker, every unacknowledged output frame
+    /// in order, then `State`, all under one writer lock.
     fn hello(&self, nonce: &str) {
         let st = self.state();
-        let Some(mut bytes) = vessel_protocol::sync_marker(nonce) else {
+        let Some(marker) = vessel_protocol::sync_marker(nonce) else {
             drop(st);
             self.error(format!("bad hello nonce {nonce:?}"));
             return;
@@ -128,11 +136,9 @@ impl Agent {
             kernel_release: system::kernel_release(),
             process: st.process_state(),
         };
-        match vessel_protocol::encode_guest(&msg) {
-            Ok(frame) => bytes.extend(frame),
-            Err(e) => crate::log!("encoding state: {e}"),
-        }
-        if let Err(e) = self.writer.lock().write(&bytes) {
+        let mut w = self.writer.lock();
+        let result = w.replay(&marker).and_then(|()| w.send(&msg));
+        if let Err(e) = result {
             crate::log!("answering hello: {e}");
         }
     }
@@ -295,12 +301,22 @@ impl Agent {
             }
         };
         if let Some((done, count)) = pumps {
-            let deadline = Instant::now() + DRAIN_TIMEOUT;
-            for _ in 0..count {
+            let mut deadline = Instant::now() + DRAIN_TIMEOUT;
+            let mut finished = 0;
+            while finished < count {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if done.recv_timeout(left).is_err() {
-                    crate::log!("output did not drain in {DRAIN_TIMEOUT:?}");
-                    break;
+                match done.recv_timeout(left) {
+                    Ok(()) => finished += 1,
+                    // A pump waits for the host to acknowledge output (the
+                    // daemon may be down): that output must not be lost, so
+                    // keep waiting as long as the host holds it up.
+                    Err(mpsc::RecvTimeoutError::Timeout) if self.writer.output_blocked() => {
+                        deadline = Instant::now() + DRAIN_TIMEOUT;
+                    }
+                    Err(_) => {
+                        crate::log!("output did not drain in {DRAIN_TIMEOUT:?}");
+                        break;
+                    }
                 }
             }
         }
@@ -319,6 +335,7 @@ impl Agent {
             crate::log!("sending exit: {e}");
         }
         drop(w);
+        self.writer.wake_output();
         if let Some(r) = st.running.as_mut() {
             r.pty_master = None;
         }

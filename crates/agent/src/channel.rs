@@ -3,14 +3,23 @@
 //! [`Channel`] is the reading half, owned by the main loop; [`Writer`] is
 //! the writing half, shared by every thread. The writer's mutex serialises
 //! whole writes so frames never interleave.
+//!
+//! The writer also owns the replay buffer of the protocol's
+//! "Acknowledgement and replay" rule: every output frame is numbered, kept
+//! and written under the same lock (so the buffer's order is the wire's
+//! order), dropped when the host acknowledges it, and written again after
+//! the sync marker when the host says `Hello`. The buffer is bounded: an
+//! output pump waits for room, which back-pressures the container process.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vessel_protocol::GuestMsg;
+use vessel_protocol::{FrameKind, GuestMsg, MAX_OUTPUT_DATA};
 
 use crate::system::TransportKind;
 
@@ -20,24 +29,105 @@ const PORT_WAIT: Duration = Duration::from_secs(5);
 /// Pause after a read that found the host end unconnected.
 const IDLE_SLEEP: Duration = Duration::from_millis(5);
 
+/// How much unacknowledged output (data bytes) the agent keeps.
+pub const REPLAY_CAPACITY: usize = 8 * 1024 * 1024;
+
+/// Output frames sent but not yet acknowledged by the host, oldest first.
+#[derive(Debug)]
+pub struct Replay {
+    /// `(seq, encoded frame, data length)`.
+    frames: VecDeque<(u64, Vec<u8>, usize)>,
+    /// Sum of the data lengths in `frames`.
+    bytes: usize,
+    capacity: usize,
+    /// Sequence number of the next output frame.
+    next_seq: u64,
+}
+
+impl Replay {
+    fn new(capacity: usize) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            bytes: 0,
+            capacity,
+            next_seq: 1,
+        }
+    }
+
+    /// Whether `len` more bytes of data must wait for an ack. A frame always
+    /// fits into an empty buffer, whatever its size.
+    fn full_for(&self, len: usize) -> bool {
+        !self.frames.is_empty() && self.bytes + len > self.capacity
+    }
+
+    /// Numbers and keeps one output frame; returns its encoded bytes.
+    fn push(&mut self, kind: FrameKind, data: &[u8]) -> io::Result<&[u8]> {
+        let seq = self.next_seq;
+        let frame = vessel_protocol::encode_output(kind, seq, data).map_err(io::Error::other)?;
+        self.next_seq += 1;
+        self.bytes += data.len();
+        self.frames.push_back((seq, frame, data.len()));
+        Ok(self
+            .frames
+            .back()
+            .map(|f| f.1.as_slice())
+            .unwrap_or_default())
+    }
+
+    /// Forgets every frame up to and including `seq`; returns how many.
+    fn ack(&mut self, seq: u64) -> usize {
+        let mut n = 0;
+        while let Some((s, _, len)) = self.frames.front() {
+            if *s > seq {
+                break;
+            }
+            self.bytes -= *len;
+            self.frames.pop_front();
+            n += 1;
+        }
+        n
+    }
+
+    /// Sequence numbers kept, oldest first.
+    #[cfg(test)]
+    fn seqs(&self) -> Vec<u64> {
+        self.frames.iter().map(|f| f.0).collect()
+    }
+}
+
+struct Inner {
+    /// The current connection; `None` while a vsock host is not connected.
+    conn: Option<File>,
+    replay: Replay,
+    /// Output pumps waiting for room in `replay`.
+    waiting: usize,
+}
+
+impl Inner {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.conn.as_mut() {
+            Some(f) => f.write_all(bytes),
+            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
+}
+
 /// The writing half of the channel, shared by all threads.
 pub struct Writer {
-    /// The current connection; `None` while a vsock host is not connected.
-    conn: Mutex<Option<File>>,
+    inner: Mutex<Inner>,
     connected: Condvar,
+    /// Signalled when an ack frees room in the replay buffer.
+    room: Condvar,
 }
 
 /// Holds the writer lock: everything written through it is contiguous.
-pub struct WriteGuard<'a>(MutexGuard<'a, Option<File>>);
+pub struct WriteGuard<'a>(MutexGuard<'a, Inner>);
 
 impl WriteGuard<'_> {
     /// Writes all of `bytes`. Errors are returned, not retried: the host
     /// resynchronises on its next connection.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self.0.as_mut() {
-            Some(f) => f.write_all(bytes),
-            None => Err(io::Error::from(io::ErrorKind::NotConnected)),
-        }
+        self.0.write(bytes)
     }
 
     /// Writes one guest control message.
@@ -45,26 +135,51 @@ impl WriteGuard<'_> {
         let bytes = vessel_protocol::encode_guest(msg).map_err(io::Error::other)?;
         self.write(&bytes)
     }
+
+    /// Writes `marker`, then every unacknowledged output frame in order:
+    /// the start of the answer to `Hello`, which the caller ends with the
+    /// `State` message under the same guard.
+    pub fn replay(&mut self, marker: &[u8]) -> io::Result<()> {
+        let inner = &mut *self.0;
+        let conn = inner
+            .conn
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        conn.write_all(marker)?;
+        for (_, frame, _) in &inner.replay.frames {
+            conn.write_all(frame)?;
+        }
+        Ok(())
+    }
 }
 
 impl Writer {
     /// A writer over an already connected stream (tests use a pipe).
     #[cfg(test)]
     pub fn connected(conn: File) -> Self {
-        Self::new(Some(conn))
+        Self::new(Some(conn), REPLAY_CAPACITY)
     }
 
-    fn new(conn: Option<File>) -> Self {
+    fn new(conn: Option<File>, capacity: usize) -> Self {
         Self {
-            conn: Mutex::new(conn),
+            inner: Mutex::new(Inner {
+                conn,
+                replay: Replay::new(capacity),
+                waiting: 0,
+            }),
             connected: Condvar::new(),
+            room: Condvar::new(),
         }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes the writer lock, waiting until a host is connected.
     pub fn lock(&self) -> WriteGuard<'_> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        while guard.is_none() {
+        let mut guard = self.inner();
+        while guard.conn.is_none() {
             guard = self
                 .connected
                 .wait(guard)
@@ -80,9 +195,62 @@ impl Writer {
         }
     }
 
+    /// Sends process output as numbered frames, keeping each until the host
+    /// acknowledges it. Waits while the replay buffer is full. Returns
+    /// `false`, having sent nothing more, once `muted` is set (the exit has
+    /// been reported); `muted` is read under the writer lock.
+    ///
+    /// Does not wait for a host: with none connected (or when writing
+    /// fails) the frames are only kept, and replayed on the next `Hello`.
+    pub fn send_output(&self, kind: FrameKind, data: &[u8], muted: &AtomicBool) -> bool {
+        for chunk in data.chunks(MAX_OUTPUT_DATA) {
+            let mut guard = self.inner();
+            while guard.replay.full_for(chunk.len()) && !muted.load(Ordering::SeqCst) {
+                guard.waiting += 1;
+                guard = self.room.wait(guard).unwrap_or_else(|p| p.into_inner());
+                guard.waiting -= 1;
+            }
+            if muted.load(Ordering::SeqCst) {
+                return false;
+            }
+            let inner = &mut *guard;
+            let result = match inner.replay.push(kind, chunk) {
+                Ok(frame) => match inner.conn.as_mut() {
+                    Some(f) => f.write_all(frame),
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                // The frame stays in the replay buffer.
+                crate::log!("sending output: {e}");
+            }
+        }
+        true
+    }
+
+    /// The host acknowledged every output frame up to and including `seq`.
+    pub fn ack(&self, seq: u64) {
+        let mut guard = self.inner();
+        if guard.replay.ack(seq) > 0 {
+            self.room.notify_all();
+        }
+    }
+
+    /// Whether an output pump is waiting for the host to acknowledge output.
+    pub fn output_blocked(&self) -> bool {
+        self.inner().waiting > 0
+    }
+
+    /// Wakes output pumps waiting for room so they notice `muted`.
+    pub fn wake_output(&self) {
+        let _guard = self.inner();
+        self.room.notify_all();
+    }
+
     fn set(&self, conn: Option<File>) {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        *guard = conn;
+        let mut guard = self.inner();
+        guard.conn = conn;
         self.connected.notify_all();
     }
 }
@@ -100,12 +268,12 @@ pub fn open(kind: TransportKind) -> io::Result<(Box<dyn Channel>, std::sync::Arc
     match kind {
         TransportKind::VirtioSerial => {
             let file = open_virtio_port(vessel_protocol::VIRTIO_PORT_NAME)?;
-            let writer = std::sync::Arc::new(Writer::new(Some(file.try_clone()?)));
+            let writer = std::sync::Arc::new(Writer::new(Some(file.try_clone()?), REPLAY_CAPACITY));
             Ok((Box::new(VirtioSerial { file }), writer))
         }
         TransportKind::Vsock => {
             let listener = vsock_listen(vessel_protocol::VSOCK_PORT)?;
-            let writer = std::sync::Arc::new(Writer::new(None));
+            let writer = std::sync::Arc::new(Writer::new(None, REPLAY_CAPACITY));
             Ok((
                 Box::new(Vsock {
                     listener,
@@ -254,5 +422,182 @@ impl Channel for Vsock {
                 Ok(0)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{mpsc, Arc};
+    use vessel_protocol::{split_output, Decoder, ProcessState};
+
+    const NONCE: &str = "00112233445566778899aabbccddeeff";
+
+    fn pipe() -> (File, File) {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        (File::from(r), File::from(w))
+    }
+
+    /// What the host would see after the sync marker of [`NONCE`].
+    fn after_marker(bytes: &[u8]) -> Vec<(FrameKind, Option<u64>, Vec<u8>)> {
+        let mut d = Decoder::new();
+        d.resync(vessel_protocol::sync_marker(NONCE).expect("marker"));
+        d.push(bytes);
+        let mut out = vec![];
+        while let Some(f) = d.next_frame().expect("frame") {
+            if f.kind.is_output() {
+                let (seq, data) = split_output(&f.payload).expect("seq");
+                out.push((f.kind, Some(seq), data.to_vec()));
+            } else {
+                out.push((f.kind, None, f.payload));
+            }
+        }
+        out
+    }
+
+    fn answer_hello(w: &Writer) {
+        let marker = vessel_protocol::sync_marker(NONCE).expect("marker");
+        let mut g = w.lock();
+        g.replay(&marker).expect("replay");
+        g.send(&GuestMsg::State {
+            kernel_release: "test".into(),
+            process: ProcessState::Idle,
+        })
+        .expect("state");
+    }
+
+    #[test]
+    fn replay_numbers_frames_and_forgets_acknowledged_ones() {
+        let mut r = Replay::new(100);
+        for data in [&b"a"[..], b"bb", b"ccc"] {
+            r.push(FrameKind::Stdout, data).expect("push");
+        }
+        assert_eq!(r.seqs(), vec![1, 2, 3]);
+        assert_eq!(r.bytes, 6);
+        assert_eq!(r.ack(0), 0);
+        assert_eq!(r.ack(2), 2);
+        assert_eq!((r.seqs(), r.bytes), (vec![3], 3));
+        // Acks are cumulative: an older one changes nothing.
+        assert_eq!(r.ack(1), 0);
+        r.push(FrameKind::Stderr, b"d").expect("push");
+        assert_eq!(r.seqs(), vec![3, 4]);
+        assert_eq!(r.ack(u64::MAX), 2);
+        assert_eq!((r.seqs(), r.bytes), (vec![], 0));
+        // Numbering goes on after the buffer emptied.
+        r.push(FrameKind::Stdout, b"e").expect("push");
+        assert_eq!(r.seqs(), vec![5]);
+    }
+
+    #[test]
+    fn replay_bound_admits_one_frame_into_an_empty_buffer() {
+        let mut r = Replay::new(4);
+        assert!(!r.full_for(10));
+        r.push(FrameKind::Stdout, b"123").expect("push");
+        assert!(!r.full_for(1));
+        assert!(r.full_for(2));
+    }
+
+    #[test]
+    fn hello_replays_unacknowledged_output_in_order_before_state() {
+        let (mut rx, tx) = pipe();
+        let w = Writer::connected(tx);
+        let live = AtomicBool::new(false);
+        assert!(w.send_output(FrameKind::Stdout, b"one", &live));
+        assert!(w.send_output(FrameKind::Stderr, b"two", &live));
+        assert!(w.send_output(FrameKind::Stdout, b"three", &live));
+        w.ack(1);
+        // A reconnect: the host says Hello and syncs on the marker.
+        answer_hello(&w);
+        drop(w);
+        let mut bytes = vec![];
+        rx.read_to_end(&mut bytes).expect("read");
+        let frames = after_marker(&bytes);
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        assert_eq!(frames[0], (FrameKind::Stderr, Some(2), b"two".to_vec()));
+        assert_eq!(frames[1], (FrameKind::Stdout, Some(3), b"three".to_vec()));
+        assert_eq!(frames[2].0, FrameKind::Control);
+        assert!(matches!(
+            vessel_protocol::decode_guest(&frames[2].2).expect("state"),
+            GuestMsg::State { .. }
+        ));
+    }
+
+    #[test]
+    fn output_survives_a_missing_or_broken_connection() {
+        let live = AtomicBool::new(false);
+        // No host (vsock between connections): nothing blocks, all is kept.
+        let w = Writer::new(None, REPLAY_CAPACITY);
+        assert!(w.send_output(FrameKind::Stdout, b"a", &live));
+        // A broken connection: the write fails, the frame is kept.
+        let (rx, tx) = pipe();
+        drop(rx);
+        w.set(Some(tx));
+        assert!(w.send_output(FrameKind::Stderr, b"b", &live));
+        // The host comes back.
+        let (mut rx, tx) = pipe();
+        w.set(Some(tx));
+        answer_hello(&w);
+        drop(w);
+        let mut bytes = vec![];
+        rx.read_to_end(&mut bytes).expect("read");
+        let frames = after_marker(&bytes);
+        assert_eq!(frames[0], (FrameKind::Stdout, Some(1), b"a".to_vec()));
+        assert_eq!(frames[1], (FrameKind::Stderr, Some(2), b"b".to_vec()));
+        assert_eq!(frames[2].0, FrameKind::Control);
+        assert_eq!(frames.len(), 3);
+    }
+
+    /// Polls `cond` for up to five seconds.
+    fn eventually(cond: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn a_full_buffer_blocks_output_until_an_ack() {
+        let (_rx, tx) = pipe();
+        let w = Arc::new(Writer::new(Some(tx), 10));
+        let live = Arc::new(AtomicBool::new(false));
+        assert!(w.send_output(FrameKind::Stdout, b"123456", &live));
+        let (done_tx, done_rx) = mpsc::channel();
+        {
+            let (w, live) = (w.clone(), live.clone());
+            std::thread::spawn(move || {
+                let sent = w.send_output(FrameKind::Stdout, b"abcdef", &live);
+                let _ = done_tx.send(sent);
+            });
+        }
+        assert!(eventually(|| w.output_blocked()), "the pump never blocked");
+        assert!(done_rx.try_recv().is_err(), "sent past the bound");
+        w.ack(1);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        assert!(!w.output_blocked());
+        assert_eq!(w.inner().replay.seqs(), vec![2]);
+    }
+
+    #[test]
+    fn muting_releases_a_blocked_pump_without_sending() {
+        let (_rx, tx) = pipe();
+        let w = Arc::new(Writer::new(Some(tx), 4));
+        let muted = Arc::new(AtomicBool::new(false));
+        assert!(w.send_output(FrameKind::Stdout, b"1234", &muted));
+        let (done_tx, done_rx) = mpsc::channel();
+        {
+            let (w, muted) = (w.clone(), muted.clone());
+            std::thread::spawn(move || {
+                let _ = done_tx.send(w.send_output(FrameKind::Stdout, b"5", &muted));
+            });
+        }
+        assert!(eventually(|| w.output_blocked()), "the pump never blocked");
+        muted.store(true, Ordering::SeqCst);
+        w.wake_output();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok(false));
+        assert_eq!(w.inner().replay.seqs(), vec![1]);
     }
 }

@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 
 use vessel_protocol::FrameKind;
@@ -260,9 +260,11 @@ fn start_stdin(file: File, tty: bool) -> mpsc::Sender<StdinCmd> {
     tx
 }
 
-/// Starts one thread per output stream. Each sends its data as frames until
-/// EOF (EIO on a PTY master whose slave is closed), then reports on `done`.
-/// Once `muted` is set (the exit has been reported) nothing more is sent.
+/// Starts one thread per output stream. Each sends its data as numbered
+/// output frames (kept until acknowledged, see [`Writer::send_output`])
+/// until EOF (EIO on a PTY master whose slave is closed), then reports on
+/// `done`. Once `muted` is set (the exit has been reported) nothing more is
+/// sent.
 pub fn start_pumps(
     outputs: Vec<(File, FrameKind)>,
     writer: Arc<Writer>,
@@ -279,12 +281,10 @@ pub fn start_pumps(
                 match file.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        let mut w = writer.lock();
-                        if muted.load(Ordering::SeqCst) {
+                        // Waits while the host has too much unacknowledged
+                        // output, which back-pressures the process.
+                        if !writer.send_output(kind, &buf[..n], &muted) {
                             break;
-                        }
-                        if let Err(e) = w.write(&vessel_protocol::encode_data(kind, &buf[..n])) {
-                            crate::log!("sending output: {e}");
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -365,9 +365,10 @@ mod tests {
         d.push(&bytes);
         let (mut out, mut err) = (Vec::new(), Vec::new());
         while let Some(f) = d.next_frame().expect("frame") {
+            let (_, data) = vessel_protocol::split_output(&f.payload).expect("seq");
             match f.kind {
-                FrameKind::Stdout => out.extend(f.payload),
-                FrameKind::Stderr => err.extend(f.payload),
+                FrameKind::Stdout => out.extend(data),
+                FrameKind::Stderr => err.extend(data),
                 k => panic!("unexpected {k:?}"),
             }
         }

@@ -232,7 +232,12 @@ async fn version(State(s): State<AppState>) -> axum::Json<SystemVersion> {
     details.insert("Arch".to_string(), "amd64".to_string());
     details.insert("Hypervisor".to_string(), f.hypervisor.clone());
     details.insert("GuestKernel".to_string(), f.guest_kernel.clone());
-    details.insert("GitCommit".to_string(), option_env!("VESSEL_GIT_COMMIT").unwrap_or("unknown").to_string());
+    details.insert(
+        "GitCommit".to_string(),
+        option_env!("VESSEL_GIT_COMMIT")
+            .unwrap_or("unknown")
+            .to_string(),
+    );
     details.insert("GoVersion".to_string(), "none (Rust)".to_string());
     details.insert("KernelVersion".to_string(), host_kernel());
     details.insert("Experimental".to_string(), "false".to_string());

@@ -458,6 +458,7 @@ impl Engine {
         name: Option<&str>,
         body: ContainerCreateBody,
     ) -> Result<String, EngineError> {
+        let created_at = std::time::Instant::now();
         let image_name = body
             .image
             .clone()
@@ -542,7 +543,7 @@ impl Engine {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
-        info!(id = %id, name = %rec.name, image = %rec.image, "container created");
+        info!(id = %id, name = %rec.name, image = %rec.image, create_ms = created_at.elapsed().as_millis() as u64, "container created");
         self.inner
             .containers
             .lock()
@@ -640,6 +641,7 @@ impl Engine {
         let images = self.inner.images.clone();
         let image_id = rec.image_id.clone();
         let image_disk = blocking(move || images.boot_disk(&image_id)).await??;
+        let t_disk = started.elapsed();
         let run_dir = self.run_dir(&rec.id);
         let _ = std::fs::remove_dir_all(&run_dir);
         let spec = VmSpec {
@@ -671,6 +673,7 @@ impl Engine {
         .await
         .map_err(|e| fail(format!("VM did not come up: {e}")))?;
         let t_boot = started.elapsed();
+        let t_spawned = t_spawn.saturating_sub(t_disk);
         if !matches!(
             state,
             GuestMsg::State {
@@ -726,8 +729,10 @@ impl Engine {
         h.status.send_modify(|w| w.running = true);
         info!(
             id = %rec.id,
-            spawn_ms = t_spawn.as_millis() as u64,
+            disk_ms = t_disk.as_millis() as u64,
+            spawn_ms = t_spawned.as_millis() as u64,
             boot_ms = (t_boot - t_spawn).as_millis() as u64,
+            exec_ms = (started.elapsed() - t_boot).as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "container started"
         );
@@ -792,6 +797,7 @@ impl Engine {
         exited: Option<(i32, bool)>,
     ) {
         let id = h.id.clone();
+        let run_started = std::time::Instant::now();
         let mut log = match logs::LogWriter::open(&self.log_path(&id)) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -799,6 +805,15 @@ impl Engine {
                 None
             }
         };
+        // Output the agent replayed before reporting an earlier exit.
+        while exited.is_some() && reader.queued() > 0 {
+            match reader.next().await {
+                Ok(Some(Incoming::Stdout(d))) => self.output(&h, &mut log, false, d),
+                Ok(Some(Incoming::Stderr(d))) => self.output(&h, &mut log, true, d),
+                _ => break,
+            }
+        }
+        reader.ack_handled().await;
         let mut exit: Option<(i32, bool)> = exited;
         while exit.is_none() {
             match reader.next().await {
@@ -824,6 +839,8 @@ impl Engine {
         if let Some(l) = log.as_mut() {
             let _ = l.flush_partial();
         }
+        let run_ms = run_started.elapsed().as_millis() as u64;
+        let teardown_started = std::time::Instant::now();
         let (code, oom, error) = match exit {
             Some((c, o)) => (i64::from(c), o, String::new()),
             None if h.killed.load(Ordering::SeqCst) => (137, false, String::new()),
@@ -867,7 +884,6 @@ impl Engine {
             w.exits += 1;
             w.exit_code = code;
         });
-        info!(%id, exit_code = code, "container exited");
         if rec.host_config.auto_remove == Some(true) {
             if let Err(e) = self.remove(&id, true).await {
                 if !matches!(e, EngineError::NotFound(_)) {
@@ -875,6 +891,13 @@ impl Engine {
                 }
             }
         }
+        info!(
+            %id,
+            exit_code = code,
+            run_ms,
+            teardown_ms = teardown_started.elapsed().as_millis() as u64,
+            "container exited"
+        );
     }
 
     fn output(&self, h: &Handle, log: &mut Option<logs::LogWriter>, stderr: bool, data: Vec<u8>) {
@@ -1290,7 +1313,7 @@ fn merge_config(
     let user_cmd = body.cmd.clone().filter(|c| !c.is_empty());
     let (entrypoint, cmd) = match user_entrypoint {
         // `--entrypoint` given: the image's CMD no longer applies.
-        Some(ep) if !(ep.len() == 1 && ep[0].is_empty()) && !ep.is_empty() => (Some(ep), user_cmd),
+        Some(ep) if !(ep.is_empty() || ep.len() == 1 && ep[0].is_empty()) => (Some(ep), user_cmd),
         Some(_) => (None, user_cmd),
         None => (
             image.entrypoint.clone(),

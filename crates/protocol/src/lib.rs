@@ -18,7 +18,19 @@
 //! ```
 //!
 //! `kind` is one of [`FrameKind`]. Control frames carry a JSON-encoded
-//! [`HostMsg`] or [`GuestMsg`]; data frames carry raw stdio bytes.
+//! [`HostMsg`] or [`GuestMsg`]. Standard-input frames (host to guest) carry
+//! raw bytes. Output frames (`Stdout` and `Stderr`, guest to host) carry an
+//! 8-byte big-endian sequence number before the bytes:
+//!
+//! ```text
+//! +----------------+--------+----------------+--------------------------+
+//! | length: u32 BE | kind:u8| seq: u64 BE    | data (length - 9)        |
+//! +----------------+--------+----------------+--------------------------+
+//! ```
+//!
+//! Build output frames with [`encode_output`] and take them apart with
+//! [`split_output`]; one output frame carries at most [`MAX_OUTPUT_DATA`]
+//! bytes of data.
 //!
 //! # Resynchronisation
 //!
@@ -30,6 +42,33 @@
 //! the 16 nonce bytes (see [`sync_marker`]); the host discards input until it
 //! finds exactly that marker. Output written by the container cannot forge
 //! the marker because it does not know the nonce.
+//!
+//! # Acknowledgement and replay
+//!
+//! While the host end is gone the transport may silently discard what the
+//! guest writes (QEMU's virtio-serial backend does when its chardev socket
+//! has no client), so output is delivered at least once by acknowledgement
+//! and replay:
+//!
+//! * the guest numbers its output frames: the first has sequence number 1
+//!   and every further output frame, on either stream, the next one;
+//! * the guest keeps every output frame it has sent until the host
+//!   acknowledges it; `HostMsg::Ack { seq }` acknowledges every output frame
+//!   up to and including `seq`, once the host has durably handled them
+//!   (written them to the container's log). Acks are cumulative: one lower
+//!   than an earlier one changes nothing;
+//! * the guest bounds what it keeps unacknowledged; when the bound is
+//!   reached it stops reading the process's output until an ack frees room,
+//!   which blocks the process instead of losing its output;
+//! * in answer to `Hello` the guest writes the sync marker, then every
+//!   unacknowledged output frame again, in order, then `GuestMsg::State`.
+//!   All output frames of the process still come before `GuestMsg::Exited`
+//!   (or before a `State` that reports the exit);
+//! * the host drops an output frame whose sequence number is not above the
+//!   highest it has already handled on the same connection. Frames handled
+//!   by a previous connection but not acknowledged before it ended are
+//!   replayed and handled again: output is never lost, but may be repeated
+//!   after a host crash.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +77,12 @@ pub const SYNC_MAGIC: [u8; 8] = *b"VSLSYNC1";
 
 /// Largest payload a frame may carry. Larger data is split by the sender.
 pub const MAX_PAYLOAD: usize = 256 * 1024;
+
+/// Size of the sequence number at the start of an output frame's payload.
+pub const SEQ_LEN: usize = 8;
+
+/// Largest amount of process output one output frame carries.
+pub const MAX_OUTPUT_DATA: usize = MAX_PAYLOAD - SEQ_LEN;
 
 /// Name of the virtio-serial port that carries the control channel.
 pub const VIRTIO_PORT_NAME: &str = "vessel.ctl";
@@ -53,9 +98,10 @@ pub enum FrameKind {
     Control = 1,
     /// Bytes for the process's standard input (host to guest).
     Stdin = 2,
-    /// Bytes the process wrote to standard output (or to its TTY).
+    /// Bytes the process wrote to standard output (or to its TTY), after a
+    /// sequence number.
     Stdout = 3,
-    /// Bytes the process wrote to standard error.
+    /// Bytes the process wrote to standard error, after a sequence number.
     Stderr = 4,
 }
 
@@ -68,6 +114,11 @@ impl FrameKind {
             4 => Some(Self::Stderr),
             _ => None,
         }
+    }
+
+    /// Whether frames of this kind are sequenced process output.
+    pub fn is_output(self) -> bool {
+        matches!(self, Self::Stdout | Self::Stderr)
     }
 }
 
@@ -95,6 +146,12 @@ pub enum ProtocolError {
     /// A payload is larger than [`MAX_PAYLOAD`].
     #[error("payload of {0} bytes exceeds the frame limit")]
     TooLarge(usize),
+    /// An output frame is too short to hold its sequence number.
+    #[error("output frame of {0} bytes has no sequence number")]
+    NoSequence(usize),
+    /// Sequenced output was requested for a kind that is not output.
+    #[error("{0:?} frames are not output frames")]
+    NotOutput(FrameKind),
 }
 
 /// Messages from the host to the guest agent.
@@ -125,6 +182,13 @@ pub enum HostMsg {
     },
     /// The host has recorded the exit: sync disks and power off.
     Shutdown,
+    /// The host has durably handled every output frame up to and including
+    /// `seq`: the agent may forget them (see the crate docs, "Acknowledgement
+    /// and replay").
+    Ack {
+        /// Highest sequence number handled.
+        seq: u64,
+    },
 }
 
 /// Messages from the guest agent to the host.
@@ -254,7 +318,37 @@ pub fn encode_guest(msg: &GuestMsg) -> Result<Vec<u8>, ProtocolError> {
     encode(FrameKind::Control, &serde_json::to_vec(msg)?)
 }
 
-/// Encodes data, splitting it into as many frames as needed.
+/// Encodes one output frame: sequence number `seq`, then `data`.
+///
+/// Fails when `kind` is not `Stdout` or `Stderr`, or when `data` is over
+/// [`MAX_OUTPUT_DATA`]; the sender splits larger output into several frames,
+/// each with its own sequence number.
+pub fn encode_output(kind: FrameKind, seq: u64, data: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+    if !kind.is_output() {
+        return Err(ProtocolError::NotOutput(kind));
+    }
+    if data.len() > MAX_OUTPUT_DATA {
+        return Err(ProtocolError::TooLarge(data.len()));
+    }
+    let len = (1 + SEQ_LEN + data.len()) as u32;
+    let mut out = Vec::with_capacity(5 + SEQ_LEN + data.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+/// Splits the payload of an output frame into its sequence number and data.
+pub fn split_output(payload: &[u8]) -> Result<(u64, &[u8]), ProtocolError> {
+    match payload.split_first_chunk::<SEQ_LEN>() {
+        Some((seq, data)) => Ok((u64::from_be_bytes(*seq), data)),
+        None => Err(ProtocolError::NoSequence(payload.len())),
+    }
+}
+
+/// Encodes data, splitting it into as many frames as needed. For standard
+/// input (host to guest); output frames are built with [`encode_output`].
 pub fn encode_data(kind: FrameKind, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 5 * (data.len() / MAX_PAYLOAD + 1));
     for chunk in data.chunks(MAX_PAYLOAD) {
@@ -398,12 +492,12 @@ mod tests {
     #[test]
     fn large_data_is_split() {
         let data = vec![7u8; MAX_PAYLOAD * 2 + 3];
-        let bytes = encode_data(FrameKind::Stdout, &data);
+        let bytes = encode_data(FrameKind::Stdin, &data);
         let mut d = Decoder::new();
         d.push(&bytes);
         let mut got = vec![];
         while let Some(f) = d.next_frame().expect("decode") {
-            assert_eq!(f.kind, FrameKind::Stdout);
+            assert_eq!(f.kind, FrameKind::Stdin);
             got.extend(f.payload);
         }
         assert_eq!(got, data);
@@ -453,9 +547,68 @@ mod tests {
     }
 
     #[test]
+    fn output_frames_carry_a_sequence_number() {
+        let mut bytes = encode_output(FrameKind::Stdout, 1, b"out").expect("enc");
+        bytes.extend(encode_output(FrameKind::Stderr, 2, b"").expect("enc"));
+        bytes.extend(encode_output(FrameKind::Stdout, u64::MAX - 1, b"last").expect("enc"));
+        // Layout: length, kind, big-endian seq, data.
+        assert_eq!(
+            &bytes[..16],
+            &[0, 0, 0, 12, 3, 0, 0, 0, 0, 0, 0, 0, 1, b'o', b'u', b't']
+        );
+        let mut d = Decoder::new();
+        for chunk in bytes.chunks(5) {
+            d.push(chunk);
+        }
+        let mut got = vec![];
+        while let Some(f) = d.next_frame().expect("decode") {
+            let (seq, data) = split_output(&f.payload).expect("split");
+            got.push((f.kind, seq, data.to_vec()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (FrameKind::Stdout, 1, b"out".to_vec()),
+                (FrameKind::Stderr, 2, vec![]),
+                (FrameKind::Stdout, u64::MAX - 1, b"last".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn output_frames_are_bounded_and_checked() {
+        let max = vec![1u8; MAX_OUTPUT_DATA];
+        let frame = encode_output(FrameKind::Stdout, 7, &max).expect("a full frame");
+        let mut d = Decoder::new();
+        d.push(&frame);
+        let f = d.next_frame().expect("decode").expect("frame");
+        assert_eq!(f.payload.len(), MAX_PAYLOAD);
+        assert_eq!(split_output(&f.payload).expect("split"), (7, &max[..]));
+        assert!(matches!(
+            encode_output(FrameKind::Stdout, 8, &vec![1u8; MAX_OUTPUT_DATA + 1]),
+            Err(ProtocolError::TooLarge(_))
+        ));
+        assert!(matches!(
+            encode_output(FrameKind::Stdin, 1, b"x"),
+            Err(ProtocolError::NotOutput(FrameKind::Stdin))
+        ));
+        assert!(matches!(
+            split_output(&[0, 0, 0]),
+            Err(ProtocolError::NoSequence(3))
+        ));
+        assert_eq!(split_output(&[0; 8]).expect("empty"), (0, &[][..]));
+    }
+
+    #[test]
     fn messages_have_a_stable_json_shape() {
         let json = serde_json::to_string(&HostMsg::Signal { signal: 15 }).expect("json");
         assert_eq!(json, r#"{"type":"signal","signal":15}"#);
+        let json = serde_json::to_string(&HostMsg::Ack { seq: 42 }).expect("json");
+        assert_eq!(json, r#"{"type":"ack","seq":42}"#);
+        assert_eq!(
+            decode_host(json.as_bytes()).expect("decode"),
+            HostMsg::Ack { seq: 42 }
+        );
         let json = serde_json::to_string(&ProcessState::Running { pid: 3 }).expect("json");
         assert_eq!(json, r#"{"state":"running","pid":3}"#);
     }

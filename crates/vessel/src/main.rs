@@ -55,6 +55,9 @@ struct DaemonArgs {
     /// vCPUs of a container VM that sets no --cpus.
     #[arg(long = "default-cpus", default_value_t = 1)]
     default_cpus: u32,
+    /// Write the daemon's PID to this file (dockerd's -p/--pidfile).
+    #[arg(short = 'p', long = "pidfile")]
+    pidfile: Option<PathBuf>,
     /// Log level (dockerd's --log-level): debug, info, warn, error.
     #[arg(short = 'l', long = "log-level", default_value = "info")]
     log_level: String,
@@ -103,6 +106,10 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let listener = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("listen on {}", sock.display()))?;
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("write {}", p.display()))?;
+    }
     info!(socket = %sock.display(), "API listening");
     let app = vessel_api::service(engine);
     let shutdown = async {
@@ -119,6 +126,9 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         _ = shutdown => {}
     }
     let _ = std::fs::remove_file(&sock);
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }
 

@@ -40,11 +40,11 @@ fn push_entry(out: &mut Vec<u8>, ino: u32, e: &Entry<'_>) {
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(e.name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(e.data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn guest_dir() -> PathBuf {
-    let dir = PathBuf::from(std::env::var("VESSEL_GUEST_DIR").unwrap_or_else(|_| "/usr/local/lib/vessel".into()));
+    let dir = PathBuf::from(
+        std::env::var("VESSEL_GUEST_DIR").unwrap_or_else(|_| "/usr/local/lib/vessel".into()),
+    );
     assert!(
         dir.join("vmlinux").exists() && dir.join("vessel-init").exists(),
         "guest kernel and agent missing in {}: run scripts/setup.sh",
@@ -28,9 +30,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("vt").tempdir_in("/tmp").expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("vt")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
         let sock = dir.path().join("d.sock");
-        let mut d = Daemon { dir, sock, child: None };
+        let mut d = Daemon {
+            dir,
+            sock,
+            child: None,
+        };
         d.spawn();
         d
     }
@@ -46,7 +55,12 @@ impl Daemon {
             .open(self.dir.path().join("daemon.log"))
             .expect("daemon log");
         let child = Command::new(env!("CARGO_BIN_EXE_vessel"))
-            .args(["daemon", "-H", &format!("unix://{}", self.sock.display()), "--data-root"])
+            .args([
+                "daemon",
+                "-H",
+                &format!("unix://{}", self.sock.display()),
+                "--data-root",
+            ])
             .arg(self.data_root())
             .arg("--guest-dir")
             .arg(guest_dir())
@@ -65,7 +79,11 @@ impl Daemon {
                     panic!("daemon exited with {status}: {}", self.log());
                 }
             }
-            assert!(Instant::now() < deadline, "daemon did not listen: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -103,12 +121,17 @@ impl Daemon {
 
     pub fn docker_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("docker");
-        c.env("DOCKER_HOST", self.host()).env("DOCKER_CONFIG", self.dir.path().join("docker-config")).args(args);
+        c.env("DOCKER_HOST", self.host())
+            .env("DOCKER_CONFIG", self.dir.path().join("docker-config"))
+            .args(args);
         c
     }
 
     pub fn docker(&self, args: &[&str]) -> Output {
-        self.docker_cmd(args).stdin(Stdio::null()).output().expect("run docker")
+        self.docker_cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run docker")
     }
 
     pub fn docker_in(&self, args: &[&str], input: &[u8]) -> Output {
@@ -140,19 +163,38 @@ impl Daemon {
 
     /// Loads a busybox image under `tags`.
     pub fn load_busybox(&self, tags: &[&str]) {
-        let archive = self.dir.path().join(format!("bb-{}.tar", tags.join("_").replace([':', '/'], "-")));
-        std::fs::write(&archive, docker_save(&[ImageSpec { tags, cmd: &["sh"], ..Default::default() }]))
-            .expect("write archive");
+        let archive = self.dir.path().join(format!(
+            "bb-{}.tar",
+            tags.join("_").replace([':', '/'], "-")
+        ));
+        std::fs::write(
+            &archive,
+            docker_save(&[ImageSpec {
+                tags,
+                cmd: &["sh"],
+                ..Default::default()
+            }]),
+        )
+        .expect("write archive");
         let out = self.ok(&["load", "-i", archive.to_str().expect("path")]);
         for t in tags {
-            assert!(out.contains(&format!("Loaded image: {t}")), "load output: {out}");
+            assert!(
+                out.contains(&format!("Loaded image: {t}")),
+                "load output: {out}"
+            );
         }
     }
 
     /// One HTTP/1.1 request over the socket; returns status, headers (lower-case names) and body.
-    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Vec<(String, String)>, String) {
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Vec<(String, String)>, String) {
         let mut s = UnixStream::connect(&self.sock).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
         let body = body.unwrap_or("");
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: docker\r\nUser-Agent: vessel-tests\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -173,8 +215,14 @@ impl Daemon {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
-        let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        let body = if chunked { dechunk(rest) } else { rest.to_string() };
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_string()
+        };
         (status, headers, body)
     }
 }
@@ -182,7 +230,9 @@ impl Daemon {
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -196,7 +246,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
         // Every VM of this daemon names files under its data root.
-        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.data_root()).status();
+        let _ = Command::new("pkill")
+            .arg("-9")
+            .arg("-f")
+            .arg(self.data_root())
+            .status();
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -219,7 +273,14 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-fn append(tar: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>) {
+fn append(
+    tar: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    data: &[u8],
+    link: Option<&str>,
+) {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(mode);
@@ -238,15 +299,51 @@ fn append(tar: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, mod
 /// A root filesystem tar: busybox with its applets, /etc/passwd and group.
 pub fn busybox_rootfs(files: &[(&str, &str)]) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
-    for d in ["bin", "etc", "root", "home", "home/user", "tmp", "usr", "usr/bin", "proc", "sys", "dev"] {
-        append(&mut tar, d, tar::EntryType::Directory, if d == "tmp" { 0o1777 } else { 0o755 }, b"", None);
+    for d in [
+        "bin",
+        "etc",
+        "root",
+        "home",
+        "home/user",
+        "tmp",
+        "usr",
+        "usr/bin",
+        "proc",
+        "sys",
+        "dev",
+    ] {
+        append(
+            &mut tar,
+            d,
+            tar::EntryType::Directory,
+            if d == "tmp" { 0o1777 } else { 0o755 },
+            b"",
+            None,
+        );
     }
     let bb = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static)");
-    append(&mut tar, "bin/busybox", tar::EntryType::Regular, 0o755, &bb, None);
-    let list = Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
+    append(
+        &mut tar,
+        "bin/busybox",
+        tar::EntryType::Regular,
+        0o755,
+        &bb,
+        None,
+    );
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
     for a in String::from_utf8_lossy(&list.stdout).split_whitespace() {
         if a != "busybox" {
-            append(&mut tar, &format!("bin/{a}"), tar::EntryType::Symlink, 0o777, b"", Some("busybox"));
+            append(
+                &mut tar,
+                &format!("bin/{a}"),
+                tar::EntryType::Symlink,
+                0o777,
+                b"",
+                Some("busybox"),
+            );
         }
     }
     append(
@@ -257,9 +354,23 @@ pub fn busybox_rootfs(files: &[(&str, &str)]) -> Vec<u8> {
         b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
         None,
     );
-    append(&mut tar, "etc/group", tar::EntryType::Regular, 0o644, b"root:x:0:\nusers:x:100:user\nuser:x:1000:\n", None);
+    append(
+        &mut tar,
+        "etc/group",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:\nusers:x:100:user\nuser:x:1000:\n",
+        None,
+    );
     for (p, c) in files {
-        append(&mut tar, p.trim_start_matches('/'), tar::EntryType::Regular, 0o644, c.as_bytes(), None);
+        append(
+            &mut tar,
+            p.trim_start_matches('/'),
+            tar::EntryType::Regular,
+            0o644,
+            c.as_bytes(),
+            None,
+        );
     }
     tar.into_inner().expect("tar")
 }
@@ -306,7 +417,14 @@ pub fn docker_save(images: &[ImageSpec<'_>]) -> Vec<u8> {
         }));
     }
     let m = serde_json::to_vec(&manifest).expect("manifest");
-    append(&mut out, "manifest.json", tar::EntryType::Regular, 0o644, &m, None);
+    append(
+        &mut out,
+        "manifest.json",
+        tar::EntryType::Regular,
+        0o644,
+        &m,
+        None,
+    );
     out.into_inner().expect("archive")
 }
 
