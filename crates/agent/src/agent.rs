@@ -192,6 +192,9 @@ impl Agent {
         let root = match &st.rootfs {
             Some(r) => r.clone(),
             None => {
+                crate::system::adopt_identity(spec.clock_unix_ns, &spec.entropy);
+                crate::system::flush_block_cache(&spec.rootfs.image_device);
+                crate::system::flush_block_cache(&spec.rootfs.upper_device);
                 let root = rootfs::mount_rootfs(&spec.rootfs)
                     .map_err(|e| StartError::other(e.to_string()))?;
                 st.rootfs = Some(root.clone());

@@ -60,6 +60,8 @@ fn main() {
         Ok(c) => c,
         Err(e) => system::fatal(&format!("cannot open the control channel: {e}")),
     };
+    // The template builder snapshots the VM once this line is on the console.
+    log!("ready");
     let agent = agent::Agent::new(writer);
     {
         let agent = agent.clone();

@@ -189,3 +189,58 @@ mod tests {
         assert_eq!(oom_kills_from_vmstat("nr_free_pages 100\n"), 0);
     }
 }
+
+/// Gives a VM restored from a template its own identity before anything of
+/// the container runs: the host's clock, and fresh entropy the kernel's RNG
+/// reseeds from (so sibling clones never share random state).
+pub fn adopt_identity(clock_unix_ns: u64, entropy_hex: &str) {
+    if clock_unix_ns > 0 {
+        let ts = libc::timespec {
+            tv_sec: (clock_unix_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (clock_unix_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: clock_settime reads the timespec we own; a failure only
+        // leaves the clock as it was.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+            crate::log!("clock_settime: {}", io::Error::last_os_error());
+        }
+    }
+    let bytes: Vec<u8> = (0..entropy_hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(entropy_hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    if bytes.is_empty() {
+        return;
+    }
+    match std::fs::OpenOptions::new().write(true).open("/dev/urandom") {
+        Ok(mut f) => {
+            use std::io::Write as _;
+            if let Err(e) = f.write_all(&bytes) {
+                crate::log!("mixing entropy: {e}");
+            }
+            // RNDRESEEDCRNG = _IO('R', 0x07): reseed the CRNG from the input pool now.
+            const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+            // SAFETY: an argument-less ioctl on an fd we own.
+            if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), RNDRESEEDCRNG as _) } != 0
+            {
+                crate::log!("RNDRESEEDCRNG: {}", io::Error::last_os_error());
+            }
+        }
+        Err(e) => crate::log!("open /dev/urandom: {e}"),
+    }
+}
+
+/// Drops the kernel's cached blocks of `device`: a VM restored from a
+/// template may hold pages the template's kernel read from a placeholder disk.
+pub fn flush_block_cache(device: &str) {
+    match std::fs::File::open(device) {
+        Ok(f) => {
+            // BLKFLSBUF = _IO(0x12, 97).
+            const BLKFLSBUF: libc::c_ulong = 0x1261;
+            // SAFETY: an ioctl without argument on an fd we own.
+            if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), BLKFLSBUF as _, 0) } != 0 {
+                crate::log!("BLKFLSBUF {device}: {}", io::Error::last_os_error());
+            }
+        }
+        Err(e) => crate::log!("open {device}: {e}"),
+    }
+}

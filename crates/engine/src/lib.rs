@@ -14,6 +14,7 @@ mod logs;
 mod names;
 mod record;
 pub mod signal;
+mod template;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ use vessel_image::ImageStore;
 use vessel_protocol::{GuestMsg, HostMsg, ProcessSpec, ProcessState, RootfsSpec};
 use vessel_store::Store;
 use vessel_vm::channel::{connect, AgentReader, AgentWriter, Incoming, Transport};
-use vessel_vm::{Accel, Hypervisor, ProbeResult, Qemu, VmSpec};
+use vessel_vm::{Accel, Boot, Hypervisor, ProbeResult, Qemu, VmSpec};
 
 pub use logs::LogEntry;
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
@@ -102,6 +103,9 @@ pub struct EngineConfig {
     pub default_memory_mib: u64,
     /// vCPUs of a VM whose container sets no `--cpus`.
     pub default_vcpus: u32,
+    /// Start container VMs by restoring booted templates (falls back to a
+    /// cold boot when a template is not ready or its restore fails).
+    pub templates: bool,
 }
 
 /// Output of a container as attach clients see it.
@@ -254,6 +258,7 @@ struct Inner {
     initrd: PathBuf,
     blank_upper: PathBuf,
     guest_kernel: String,
+    templates: Option<Arc<template::Templates>>,
     containers: Mutex<HashMap<String, Arc<Handle>>>,
     create_lock: tokio::sync::Mutex<()>,
 }
@@ -313,21 +318,60 @@ impl Engine {
         let guest_kernel = std::fs::read_to_string(cfg.kernel.with_file_name("release"))
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
+        let hv: Arc<dyn Hypervisor> = Arc::new(qemu);
+        let templates = if cfg.templates {
+            let placeholder_upper = root.join("guest").join("placeholder-upper.qcow2");
+            if !placeholder_upper.exists() {
+                let (b, u) = (blank_upper.clone(), placeholder_upper.clone());
+                blocking(move || make_upper(&b, &u)).await??;
+            }
+            let kmeta = std::fs::metadata(&cfg.kernel).map_err(|e| internal("guest kernel", e))?;
+            let generation = format!(
+                "kernel={}:{}:{:?}|initrd={}|{}",
+                cfg.kernel.display(),
+                kmeta.len(),
+                kmeta.modified().ok(),
+                initrd.display(),
+                hv.describe()
+            );
+            let inputs = template::TemplateInputs {
+                root: root.join("templates"),
+                run_root: root.join("vm"),
+                kernel: cfg.kernel.clone(),
+                initrd: initrd.clone(),
+                placeholder_image: root.join("guest").join("placeholder-image.raw"),
+                placeholder_upper,
+                generation,
+            };
+            let t = template::Templates::open(inputs, hv.clone())
+                .map_err(|e| internal("VM templates", e))?;
+            Some(Arc::new(t))
+        } else {
+            None
+        };
         let engine = Engine {
             inner: Arc::new(Inner {
                 cfg,
                 store,
                 images: Arc::new(images),
-                hv: Arc::new(qemu),
+                hv,
                 probe,
                 initrd,
                 blank_upper,
                 guest_kernel,
+                templates,
                 containers: Mutex::new(HashMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
             }),
         };
         engine.recover().await?;
+        if let Some(t) = &engine.inner.templates {
+            let shape = VmShape {
+                memory_mib: engine.inner.cfg.default_memory_mib,
+                vcpus: engine.inner.cfg.default_vcpus,
+            };
+            t.prepare(&shape);
+        }
         Ok(engine)
     }
 
@@ -644,7 +688,7 @@ impl Engine {
         let t_disk = started.elapsed();
         let run_dir = self.run_dir(&rec.id);
         let _ = std::fs::remove_dir_all(&run_dir);
-        let spec = VmSpec {
+        let mut spec = VmSpec {
             name: rec.id.clone(),
             run_dir: run_dir.clone(),
             kernel: self.inner.cfg.kernel.clone(),
@@ -653,25 +697,35 @@ impl Engine {
             upper_disk: self.container_dir(&rec.id).join("upper.qcow2"),
             memory_mib: rec.vm.memory_mib,
             vcpus: rec.vm.vcpus,
+            boot: match &self.inner.templates {
+                Some(t) => t.boot_for(&rec.vm),
+                None => Boot::Cold,
+            },
         };
-        let hv = self.inner.hv.clone();
-        let vm = blocking(move || hv.spawn(&spec))
-            .await?
-            .map_err(|e| internal("start VM", e))?;
-        let t_spawn = started.elapsed();
         h.killed.store(false, Ordering::SeqCst);
-        let pid = vm.pid;
-        tokio::spawn(vessel_vm::wait_exit(pid));
+        let cloned = matches!(spec.boot, Boot::Clone { .. });
+        let launched = match self.launch(&spec).await {
+            Err(e) if cloned => {
+                warn!(id = %rec.id, "restoring the VM template failed ({e}); booting the kernel instead");
+                if let Some(t) = &self.inner.templates {
+                    t.invalidate(&rec.vm);
+                }
+                spec.boot = Boot::Cold;
+                self.launch(&spec).await
+            }
+            other => other,
+        };
+        let (pid, t_spawn, mut reader, writer, state) = launched?;
+        let boot_kind = if matches!(spec.boot, Boot::Clone { .. }) {
+            "clone"
+        } else {
+            "cold"
+        };
+        let t_spawn = t_spawn + t_disk;
         let fail = |msg: String| {
             vessel_vm::kill_vm(pid, &rec.id);
             EngineError::Internal(msg)
         };
-        let (mut reader, writer, state) = connect(
-            &Transport::VirtioSerial(vm.control_socket),
-            Duration::from_secs(120),
-        )
-        .await
-        .map_err(|e| fail(format!("VM did not come up: {e}")))?;
         let t_boot = started.elapsed();
         let t_spawned = t_spawn.saturating_sub(t_disk);
         if !matches!(
@@ -732,12 +786,48 @@ impl Engine {
             disk_ms = t_disk.as_millis() as u64,
             spawn_ms = t_spawned.as_millis() as u64,
             boot_ms = (t_boot - t_spawn).as_millis() as u64,
+            boot = boot_kind,
             exec_ms = (started.elapsed() - t_boot).as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "container started"
         );
         tokio::spawn(self.clone().monitor(h.clone(), reader, pid, None));
         Ok(())
+    }
+
+    /// Starts a VM and connects to its agent: the VM's pid, the time the
+    /// spawn took, the channel and the agent's first state.
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+    ) -> Result<(u32, Duration, AgentReader, AgentWriter, GuestMsg), EngineError> {
+        let started = std::time::Instant::now();
+        let hv = self.inner.hv.clone();
+        let s = spec.clone();
+        let vm = blocking(move || hv.spawn(&s))
+            .await?
+            .map_err(|e| internal("start VM", e))?;
+        let t_spawn = started.elapsed();
+        let pid = vm.pid;
+        tokio::spawn(vessel_vm::wait_exit(pid));
+        // A restored VM answers at once; a cold boot takes seconds under TCG.
+        let timeout = if matches!(spec.boot, Boot::Clone { .. }) {
+            15
+        } else {
+            120
+        };
+        match connect(
+            &Transport::VirtioSerial(vm.control_socket),
+            Duration::from_secs(timeout),
+        )
+        .await
+        {
+            Ok((reader, writer, state)) => Ok((pid, t_spawn, reader, writer, state)),
+            Err(e) => {
+                vessel_vm::kill_vm(pid, &spec.name);
+                Err(EngineError::Internal(format!("VM did not come up: {e}")))
+            }
+        }
     }
 
     async fn go_live(&self, h: &Handle, writer: AgentWriter) {
@@ -776,6 +866,15 @@ impl Engine {
                     .map(|s| (s[0] as u16, s[1] as u16))
             }),
             rootfs: RootfsSpec::default(),
+            entropy: {
+                let mut b = [0u8; 64];
+                rand::Rng::fill(&mut rand::rng(), &mut b);
+                hex::encode(b)
+            },
+            clock_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
             extra_hosts: rec
                 .host_config
                 .extra_hosts

@@ -274,6 +274,15 @@ pub struct ProcessSpec {
     pub rootfs: RootfsSpec,
     /// Extra lines for `/etc/hosts` (`IP NAME...`).
     pub extra_hosts: Vec<String>,
+    /// Fresh random bytes (hex) the agent mixes into the guest's RNG and
+    /// reseeds from: a VM restored from a template must not share the
+    /// template's random state with its siblings.
+    #[serde(default)]
+    pub entropy: String,
+    /// The host's wall clock (nanoseconds since the epoch) when it sent the
+    /// spec; a restored VM's clock still shows the template's time.
+    #[serde(default)]
+    pub clock_unix_ns: u64,
 }
 
 /// How the guest builds the container's root filesystem.

@@ -55,6 +55,10 @@ struct DaemonArgs {
     /// vCPUs of a container VM that sets no --cpus.
     #[arg(long = "default-cpus", default_value_t = 1)]
     default_cpus: u32,
+    /// Start container VMs by restoring a booted template VM of their shape
+    /// instead of booting a kernel (`--vm-templates=false` always boots).
+    #[arg(long = "vm-templates", default_value_t = true, action = clap::ArgAction::Set)]
+    vm_templates: bool,
     /// Write the daemon's PID to this file (dockerd's -p/--pidfile).
     #[arg(short = 'p', long = "pidfile")]
     pidfile: Option<PathBuf>,
@@ -91,6 +95,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         qemu: find_in_path(&args.qemu),
         default_memory_mib: args.default_memory,
         default_vcpus: args.default_cpus.max(1),
+        templates: args.vm_templates,
     };
     let engine = Engine::open(cfg).await.context("starting the engine")?;
     let facts = engine.facts();

@@ -16,6 +16,7 @@ pub mod channel;
 pub mod initrd;
 pub mod probe;
 pub mod qemu;
+pub mod qmp;
 
 use std::path::PathBuf;
 
@@ -73,6 +74,29 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// Boot from the kernel, or restore a booted template.
+    pub boot: Boot,
+}
+
+/// How a VM comes to life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// Boot the kernel (anonymous guest memory).
+    Cold,
+    /// Boot the kernel with guest memory in a shared file, to be snapshotted
+    /// as a template.
+    Template {
+        /// The template's memory file.
+        memory: PathBuf,
+    },
+    /// Restore a template: its memory file mapped privately (copy-on-write)
+    /// and its device state loaded from `state`.
+    Clone {
+        /// The template's memory file.
+        memory: PathBuf,
+        /// The template's saved device state.
+        state: PathBuf,
+    },
 }
 
 /// A VM process that was started.
@@ -90,8 +114,13 @@ pub trait Hypervisor: Send + Sync {
     fn describe(&self) -> String;
     /// The acceleration in use.
     fn accel(&self) -> Accel;
-    /// Starts a VM. Returns once the process runs and its control socket exists.
+    /// Starts a VM. Returns once the process runs and its control socket
+    /// exists; a clone is restored and running.
     fn spawn(&self, spec: &VmSpec) -> Result<VmProcess, VmError>;
+    /// Boots a template VM for `spec` (whose boot is [`Boot::Template`]),
+    /// waits until its agent is ready, saves its device state to `state` and
+    /// ends it. Its memory file then holds the booted guest.
+    fn build_template(&self, spec: &VmSpec, state: &std::path::Path) -> Result<(), VmError>;
 }
 
 /// Whether `pid` is alive and is the VM named `name` (guards against PID reuse).

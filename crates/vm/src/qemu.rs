@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Accel, Hypervisor, VmError, VmProcess, VmSpec};
+use serde_json::json;
+
+use crate::qmp::Qmp;
+use crate::{Accel, Boot, Hypervisor, VmError, VmProcess, VmSpec};
 
 /// File names inside a VM's run directory.
 pub const CONTROL_SOCKET: &str = "ctl.sock";
@@ -64,7 +67,26 @@ impl Qemu {
         let mut a: Vec<String> = vec![];
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         push(&["-name", &format!("vessel-{}", spec.name)]);
-        push(&["-machine", "microvm,acpi=off,x-option-roms=off,rtc=off"]);
+        let machine = "microvm,acpi=off,x-option-roms=off,rtc=off";
+        match &spec.boot {
+            Boot::Cold => push(&["-machine", machine]),
+            Boot::Template { memory } | Boot::Clone { memory, .. } => {
+                let share = if matches!(spec.boot, Boot::Template { .. }) {
+                    "on"
+                } else {
+                    "off"
+                };
+                push(&["-machine", &format!("{machine},memory-backend=mem")]);
+                push(&[
+                    "-object",
+                    &format!(
+                        "memory-backend-file,id=mem,size={}M,mem-path={},share={share}",
+                        spec.memory_mib,
+                        memory.display()
+                    ),
+                ]);
+            }
+        }
         push(&["-accel", self.accel.as_str(), "-cpu", cpu]);
         push(&[
             "-m",
@@ -131,6 +153,9 @@ impl Qemu {
             &format!("unix:{},server=on,wait=off", run(QMP_SOCKET)),
         ]);
         push(&["-pidfile", &run(PID_FILE)]);
+        if matches!(spec.boot, Boot::Clone { .. }) {
+            push(&["-incoming", "defer"]);
+        }
         a
     }
 }
@@ -189,6 +214,13 @@ impl Hypervisor for Qemu {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        if let Boot::Clone { state, .. } = &spec.boot {
+            if let Err(e) = restore(&spec.run_dir.join(QMP_SOCKET), state) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
         // The child handle is dropped without waiting: the engine reaps the
         // process through its pid (see `wait_exit`), also after a restart.
         Ok(VmProcess {
@@ -196,6 +228,78 @@ impl Hypervisor for Qemu {
             control_socket: ctl,
         })
     }
+
+    fn build_template(&self, spec: &VmSpec, state: &Path) -> Result<(), VmError> {
+        if !matches!(spec.boot, Boot::Template { .. }) {
+            return Err(VmError::Spawn(
+                "build_template needs a Boot::Template spec".into(),
+            ));
+        }
+        let vm = self.spawn(spec)?;
+        let kill = || {
+            crate::kill_vm(vm.pid, &spec.name);
+            let mut status = 0;
+            // SAFETY: waitpid on our own child to reap it.
+            unsafe {
+                libc::waitpid(vm.pid as libc::pid_t, &mut status, 0);
+            }
+        };
+        let console = spec.run_dir.join(CONSOLE_LOG);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if text.contains("vessel-init: ready") {
+                break;
+            }
+            if !crate::vm_alive(vm.pid, &spec.name) || Instant::now() > deadline {
+                kill();
+                return Err(VmError::Spawn(format!(
+                    "template VM never became ready: {}",
+                    text.trim()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let tmp = state.with_extension("tmp");
+        let result = (|| {
+            let mut q = Qmp::connect(&spec.run_dir.join(QMP_SOCKET), Duration::from_secs(10))?;
+            q.execute("stop", json!({}))?;
+            q.execute(
+                "migrate-set-capabilities",
+                json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] }),
+            )?;
+            q.execute(
+                "migrate",
+                json!({ "uri": format!("exec:cat > {}", shell_quote(&tmp)) }),
+            )?;
+            q.wait_migration(Duration::from_secs(60))?;
+            std::fs::rename(&tmp, state)
+                .map_err(|e| VmError::io(format!("rename {}", state.display()), e))
+        })();
+        kill();
+        result
+    }
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+/// Loads a template's device state into a clone started with `-incoming defer`
+/// and lets it run.
+fn restore(qmp: &Path, state: &Path) -> Result<(), VmError> {
+    let mut q = Qmp::connect(qmp, Duration::from_secs(10))?;
+    q.execute(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] }),
+    )?;
+    q.execute(
+        "migrate-incoming",
+        json!({ "uri": format!("exec:cat {}", shell_quote(state)) }),
+    )?;
+    q.wait_migration(Duration::from_secs(60))?;
+    q.execute("cont", json!({}))?;
+    Ok(())
 }
 
 /// Reads the pid QEMU wrote for the VM in `run_dir`.
@@ -221,6 +325,7 @@ mod tests {
             upper_disk: "/up.qcow2".into(),
             memory_mib: 256,
             vcpus: 2,
+            boot: Boot::Cold,
         }
     }
 
@@ -247,5 +352,22 @@ mod tests {
         assert!(a.contains(&"vessel-abc".to_string()));
         assert!(a.join(" ").contains("-m 256M -smp 2"));
         assert!(a.join(" ").contains("-accel tcg -cpu max"));
+        // A clone has the same devices as a cold boot and as its template.
+        let mut clone = spec();
+        clone.boot = Boot::Clone {
+            memory: "/t/mem".into(),
+            state: "/t/state".into(),
+        };
+        let c = q.args(&clone);
+        assert_eq!(devices(&a), devices(&c));
+        assert!(c.join(" ").contains("mem-path=/t/mem,share=off"));
+        assert!(c.join(" ").contains("-incoming defer"));
+        let mut tpl = spec();
+        tpl.boot = Boot::Template {
+            memory: "/t/mem".into(),
+        };
+        let t = q.args(&tpl);
+        assert!(t.join(" ").contains("mem-path=/t/mem,share=on"));
+        assert_eq!(devices(&t), devices(&c));
     }
 }
