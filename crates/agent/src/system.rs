@@ -156,40 +156,6 @@ pub fn fatal(what: &str) -> ! {
     reboot()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transport_comes_from_the_cmdline() {
-        assert_eq!(
-            transport_from_cmdline("console=ttyS0 reboot=t"),
-            TransportKind::VirtioSerial
-        );
-        assert_eq!(
-            transport_from_cmdline("console=ttyS0 vessel.transport=vsock quiet"),
-            TransportKind::Vsock
-        );
-        assert_eq!(
-            transport_from_cmdline("vessel.transport=virtio-serial"),
-            TransportKind::VirtioSerial
-        );
-        assert_eq!(
-            transport_from_cmdline("vessel.transport=carrier-pigeon"),
-            TransportKind::VirtioSerial
-        );
-    }
-
-    #[test]
-    fn oom_counter_is_parsed_from_vmstat() {
-        assert_eq!(
-            oom_kills_from_vmstat("nr_free_pages 100\noom_kill 3\npgfault 9\n"),
-            3
-        );
-        assert_eq!(oom_kills_from_vmstat("nr_free_pages 100\n"), 0);
-    }
-}
-
 /// Gives a VM restored from a template its own identity before anything of
 /// the container runs: the host's clock, and fresh entropy the kernel's RNG
 /// reseeds from (so sibling clones never share random state).
@@ -242,5 +208,39 @@ pub fn flush_block_cache(device: &str) {
             }
         }
         Err(e) => crate::log!("open {device}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_comes_from_the_cmdline() {
+        assert_eq!(
+            transport_from_cmdline("console=ttyS0 reboot=t"),
+            TransportKind::VirtioSerial
+        );
+        assert_eq!(
+            transport_from_cmdline("console=ttyS0 vessel.transport=vsock quiet"),
+            TransportKind::Vsock
+        );
+        assert_eq!(
+            transport_from_cmdline("vessel.transport=virtio-serial"),
+            TransportKind::VirtioSerial
+        );
+        assert_eq!(
+            transport_from_cmdline("vessel.transport=carrier-pigeon"),
+            TransportKind::VirtioSerial
+        );
+    }
+
+    #[test]
+    fn oom_counter_is_parsed_from_vmstat() {
+        assert_eq!(
+            oom_kills_from_vmstat("nr_free_pages 100\noom_kill 3\npgfault 9\n"),
+            3
+        );
+        assert_eq!(oom_kills_from_vmstat("nr_free_pages 100\n"), 0);
     }
 }
