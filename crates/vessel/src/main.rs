@@ -143,8 +143,10 @@ fn main() -> anyhow::Result<()> {
         Command::Daemon(args) => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+            use std::io::IsTerminal;
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr)
                 .init();
             let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;

@@ -26,19 +26,27 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A daemon with extra command-line flags.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vt")
             .tempdir_in("/tmp")
             .expect("tempdir");
         let sock = dir.path().join("d.sock");
+        let extra = extra.iter().map(|s| s.to_string()).collect();
         let mut d = Daemon {
             dir,
             sock,
             child: None,
+            extra,
         };
         d.spawn();
         d
@@ -64,6 +72,7 @@ impl Daemon {
             .arg(self.data_root())
             .arg("--guest-dir")
             .arg(guest_dir())
+            .args(&self.extra)
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
             .spawn()
