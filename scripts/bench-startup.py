@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Start-up benchmark: Vessel (VM templates), Vessel (cold boot) and, where
+Debian's docker.io is installed, dockerd + runc, side by side in one run.
+
+Prints medians and the ratio Vessel / dockerd+runc for
+  * `docker run --rm busybox true` (runs alternate: Vessel, dockerd, Vessel, ...)
+  * host memory per idle container (PSS of everything the container costs on
+    the host: its QEMU process for Vessel; the shim and the container's
+    processes for dockerd)
+  * N idle containers (`docker run -d busybox sleep 100000`) started in a row:
+    time and total host memory
+  * cold boot versus template clone for Vessel alone.
+Usage: scripts/bench-startup.py [--runs 10] [--idle 100] [--no-dockerd]
+Needs scripts/setup.sh to have run; `apt-get install docker.io` for the peer.
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Engine:
+    def __init__(self, name, tmp, cmd, sock):
+        self.name, self.tmp, self.sock = name, tmp, sock
+        self.env = dict(os.environ, DOCKER_HOST="unix://" + sock, DOCKER_CONFIG=os.path.join(tmp, "cfg-" + name))
+        self.log = os.path.join(tmp, name + ".log")
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(600):
+            if self.docker("version", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"{name} did not start; see {self.log}:\n" + open(self.log).read()[-2000:])
+
+    def docker(self, *args, check=True):
+        return subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, check=check)
+
+    def timed(self, *args):
+        t0 = time.monotonic()
+        self.docker(*args)
+        return time.monotonic() - t0
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except Exception:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def pss_kib(pid):
+    try:
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = open(f"/proc/{p}/task/{p}/children").read().split()
+        except OSError:
+            kids = []
+        for k in kids:
+            out.append(int(k))
+            todo.append(int(k))
+    return out
+
+
+def vessel_container_pids(engine, ids):
+    return [int(engine.docker("inspect", "-f", "{{.State.Pid}}", i).stdout.strip()) for i in ids]
+
+
+def dockerd_container_pids(ids):
+    """The shim of each container and everything under it."""
+    pids = []
+    for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines():
+        for i in ids:
+            if "containerd-shim" in line and i in line:
+                shim = int(line.split()[0])
+                pids += [shim] + descendants(shim)
+    return pids
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--idle", type=int, default=100)
+    ap.add_argument("--no-dockerd", action="store_true")
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="vstart", dir="/tmp")
+    engines = []
+    try:
+        image = os.path.join(tmp, "bb.tar")
+        subprocess.run([sys.executable, os.path.join(HERE, "scripts/make-busybox-image.py"), image], check=True)
+        vessel = os.path.join(HERE, "target/release/vessel")
+        v = Engine("vessel", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/v.sock", "--data-root", f"{tmp}/v"], f"{tmp}/v.sock")
+        engines.append(v)
+        cold = Engine("vessel-cold", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/c.sock", "--data-root", f"{tmp}/c",
+                                           "--vm-templates=false"], f"{tmp}/c.sock")
+        engines.append(cold)
+        d = None
+        if not a.no_dockerd and shutil.which("dockerd"):
+            d = Engine("dockerd", tmp, ["dockerd", "-H", f"unix://{tmp}/d.sock", "--data-root", f"{tmp}/d",
+                                        "--exec-root", f"{tmp}/dx", "--pidfile", f"{tmp}/d.pid", "--bridge", "none",
+                                        "--iptables=false", "--ip-masq=false"], f"{tmp}/d.sock")
+            engines.append(d)
+        for e in engines:
+            e.docker("load", "-q", "-i", image)
+        for _ in range(600):
+            if "VM template ready" in open(v.log).read():
+                break
+            time.sleep(0.2)
+        net = ["--network", "none"]
+        for e in engines:  # warm-up: boot disks, page cache
+            e.docker("run", "--rm", *(net if e is d else []), "busybox", "true")
+
+        runs = {"vessel": [], "dockerd": [], "vessel-cold": []}
+        for _ in range(a.runs):
+            runs["vessel"].append(v.timed("run", "--rm", "busybox", "true"))
+            if d:
+                runs["dockerd"].append(d.timed("run", "--rm", *net, "busybox", "true"))
+        for _ in range(max(3, a.runs // 3)):
+            runs["vessel-cold"].append(cold.timed("run", "--rm", "busybox", "true"))
+        boots = re.findall(r'boot="(\w+)"', open(v.log).read())
+
+        print(f"== docker run --rm busybox true ({a.runs} runs, alternating; medians)")
+        vm = med(runs["vessel"])
+        print(f"  Vessel (template clone)  {vm * 1000:7.0f} ms   [{boots.count('clone')} clones, {boots.count('cold')} cold boots]")
+        if d:
+            dm = med(runs["dockerd"])
+            print(f"  dockerd + runc           {dm * 1000:7.0f} ms   (--network none)")
+            print(f"  ratio Vessel / dockerd   {vm / dm:7.2f}")
+        print(f"  Vessel (cold boot)       {med(runs['vessel-cold']) * 1000:7.0f} ms   ({len(runs['vessel-cold'])} runs)")
+        print(f"  clone speed-up over cold {med(runs['vessel-cold']) / vm:7.1f}x")
+
+        print(f"== {a.idle} idle containers started in a row (docker run -d busybox sleep 100000)")
+        for e in [v] + ([d] if d else []):
+            ids = []
+            t0 = time.monotonic()
+            for _ in range(a.idle):
+                ids.append(e.docker("run", "-d", *(net if e is d else []), "busybox", "sleep", "100000").stdout.strip())
+            took = time.monotonic() - t0
+            time.sleep(2)
+            pids = vessel_container_pids(e, ids) if e is v else dockerd_container_pids(ids)
+            total = sum(pss_kib(p) for p in pids) / 1024
+            print(f"  {e.name:<8} {took:6.1f} s in all ({took / a.idle * 1000:5.0f} ms each); host memory (PSS) "
+                  f"{total:8.1f} MiB in all, {total / a.idle:6.1f} MiB per idle container")
+            for chunk in range(0, len(ids), 50):
+                e.docker("rm", "-f", *ids[chunk:chunk + 50], check=False)
+        avail = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) / 1024
+        print(f"  host memory {avail / 1024:.1f} GiB")
+    finally:
+        for e in engines:
+            e.stop()
+        subprocess.run(["pkill", "-9", "-f", tmp])
+        time.sleep(0.5)
+        subprocess.run(["umount", "-R", f"{tmp}/dx"], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
