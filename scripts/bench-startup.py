@@ -116,6 +116,13 @@ def main():
                                            "--vm-templates=false"], f"{tmp}/c.sock")
         engines.append(cold)
         d = None
+        if not a.no_dockerd and not shutil.which("dockerd"):
+            print("installing Debian's docker.io for the side-by-side figures", file=sys.stderr)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker.io"],
+                           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), check=False,
+                           stdout=subprocess.DEVNULL)
+            subprocess.run(["systemctl", "disable", "--now", "docker.service", "docker.socket", "containerd.service"],
+                           capture_output=True)
         if not a.no_dockerd and shutil.which("dockerd"):
             d = Engine("dockerd", tmp, ["dockerd", "-H", f"unix://{tmp}/d.sock", "--data-root", f"{tmp}/d",
                                         "--exec-root", f"{tmp}/dx", "--pidfile", f"{tmp}/d.pid", "--bridge", "none",

@@ -192,11 +192,18 @@ impl Agent {
         let root = match &st.rootfs {
             Some(r) => r.clone(),
             None => {
+                let t0 = std::time::Instant::now();
                 crate::system::adopt_identity(spec.clock_unix_ns, &spec.entropy);
                 crate::system::flush_block_cache(&spec.rootfs.image_device);
                 crate::system::flush_block_cache(&spec.rootfs.upper_device);
+                let t1 = t0.elapsed();
                 let root = rootfs::mount_rootfs(&spec.rootfs)
                     .map_err(|e| StartError::other(e.to_string()))?;
+                crate::log!(
+                    "identity {} ms, root filesystem {} ms",
+                    t1.as_millis(),
+                    (t0.elapsed() - t1).as_millis()
+                );
                 st.rootfs = Some(root.clone());
                 root
             }

@@ -22,6 +22,9 @@ pub const CONSOLE_LOG: &str = "console.log";
 /// QEMU's own stderr.
 pub const QEMU_LOG: &str = "qemu.log";
 
+/// Size of TCG's translation block cache per VM, in MiB.
+pub const TCG_TB_MIB: u32 = 32;
+
 /// The QEMU hypervisor driver.
 #[derive(Debug, Clone)]
 pub struct Qemu {
@@ -87,7 +90,13 @@ impl Qemu {
                 ]);
             }
         }
-        push(&["-accel", self.accel.as_str(), "-cpu", cpu]);
+        let accel = match self.accel {
+            Accel::Kvm => "kvm".to_string(),
+            // A bounded translation cache: each VM's translated code is private
+            // memory, and an idle container needs little of it.
+            Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
+        };
+        push(&["-accel", &accel, "-cpu", cpu]);
         push(&[
             "-m",
             &format!("{}M", spec.memory_mib),
@@ -101,9 +110,13 @@ impl Qemu {
             "none",
             "-no-reboot",
         ]);
-        push(&["-kernel", &spec.kernel.display().to_string()]);
-        push(&["-initrd", &spec.initrd.display().to_string()]);
-        push(&["-append", &cmdline]);
+        // A clone's kernel is already in the template's memory. Loading it
+        // again would copy it into the clone's private memory (~25 MiB each).
+        if !matches!(spec.boot, Boot::Clone { .. }) {
+            push(&["-kernel", &spec.kernel.display().to_string()]);
+            push(&["-initrd", &spec.initrd.display().to_string()]);
+            push(&["-append", &cmdline]);
+        }
         push(&[
             "-chardev",
             &format!("file,id=con,path={}", run(CONSOLE_LOG)),
@@ -351,7 +364,7 @@ mod tests {
         assert_eq!(devices(&a), devices(&b));
         assert!(a.contains(&"vessel-abc".to_string()));
         assert!(a.join(" ").contains("-m 256M -smp 2"));
-        assert!(a.join(" ").contains("-accel tcg -cpu max"));
+        assert!(a.join(" ").contains("-accel tcg,tb-size=32 -cpu max"));
         // A clone has the same devices as a cold boot and as its template.
         let mut clone = spec();
         clone.boot = Boot::Clone {
@@ -362,6 +375,10 @@ mod tests {
         assert_eq!(devices(&a), devices(&c));
         assert!(c.join(" ").contains("mem-path=/t/mem,share=off"));
         assert!(c.join(" ").contains("-incoming defer"));
+        assert!(
+            !c.contains(&"-kernel".to_string()),
+            "a clone must not load the kernel again"
+        );
         let mut tpl = spec();
         tpl.boot = Boot::Template {
             memory: "/t/mem".into(),
