@@ -326,8 +326,10 @@ impl Engine {
                 blocking(move || make_upper(&b, &u)).await??;
             }
             let kmeta = std::fs::metadata(&cfg.kernel).map_err(|e| internal("guest kernel", e))?;
+            // Bump the leading format number whenever the VM's device layout
+            // or the way templates are made changes.
             let generation = format!(
-                "kernel={}:{}:{:?}|initrd={}|{}",
+                "format=1|kernel={}:{}:{:?}|initrd={}|{}",
                 cfg.kernel.display(),
                 kmeta.len(),
                 kmeta.modified().ok(),
