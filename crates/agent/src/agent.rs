@@ -1,17 +1,20 @@
 //! The agent's state machine: answering host messages, reaping children,
-//! reporting the exit.
+//! reporting the exits of the main process and of execs.
 //!
 //! Lock order: `state` before the writer. Every message that reports a
-//! state change (`Started`, `Exited`, the `State` answer to `Hello`) is
-//! written while `state` is held, so the host sees them in a consistent
-//! order.
+//! state change (`Started`, `Exited`, `ExecStarted`, `ExecExited`, the
+//! `State` answer to `Hello`) is written while `state` is held, so the host
+//! sees them in a consistent order: `ExecStarted` before any output of that
+//! exec, every `ExecExited` before the main process's `Exited`.
 //!
-//! Output is kept until the host acknowledges it (see `channel::Writer`):
-//! the answer to `Hello` replays what is unacknowledged between the sync
-//! marker and the `State` message, so every output frame still precedes the
-//! report of the exit.
+//! Output of the main process is kept until the host acknowledges it (see
+//! `channel::Writer`): the answer to `Hello` replays what is unacknowledged
+//! between the sync marker and the `State` message, so every output frame
+//! still precedes the report of the exit. Output of execs is neither
+//! numbered nor kept: an exec session dies with its client.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -19,19 +22,28 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use vessel_protocol::{GuestMsg, HostMsg, ProcessSpec, ProcessState};
+use vessel_protocol::{ExecSpec, GuestMsg, HostMsg, ProcessSpec, ProcessState};
 
 use crate::channel::Writer;
 use crate::command::{self, StartError};
-use crate::process::{self, StdinCmd};
+use crate::process::{self, Sink, StdinCmd};
 use crate::{rootfs, system, user};
 
-/// How long to wait for output to drain after the main process exited.
+/// How long to wait for output to drain after a process exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the main process's exit waits for the execs it killed to be
+/// reported (each drains for at most [`DRAIN_TIMEOUT`]).
+const EXECS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Exit code reported for an exec whose end could not be observed.
+const KILLED_EXIT_CODE: i32 = 128 + libc::SIGKILL;
 
 /// The running (or finishing) container process.
 struct Running {
     pid: i32,
+    /// What it was started with: the defaults of every exec.
+    spec: ProcessSpec,
     /// The main process has been reaped; the exit is being reported.
     exited: bool,
     stdin: Option<mpsc::Sender<StdinCmd>>,
@@ -41,11 +53,25 @@ struct Running {
     oom_before: u64,
 }
 
+/// A running (or finishing) exec process.
+struct ExecProc {
+    pid: i32,
+    /// Reaped; its exit is being reported.
+    exited: bool,
+    stdin: Option<mpsc::Sender<StdinCmd>>,
+    pty_master: Option<Arc<std::os::fd::OwnedFd>>,
+    pumps_done: Option<(mpsc::Receiver<()>, usize)>,
+    /// Set, under the writer lock, once `ExecExited` was sent.
+    closed: Arc<AtomicBool>,
+}
+
 #[derive(Default)]
 struct State {
     rootfs: Option<PathBuf>,
     running: Option<Running>,
     exit: Option<(i32, bool)>,
+    /// Execs by id, until their `ExecExited` is sent.
+    execs: HashMap<u32, ExecProc>,
 }
 
 impl State {
@@ -107,6 +133,25 @@ impl Agent {
                 }
             }
             HostMsg::Signal { signal } => self.signal(signal),
+            HostMsg::Exec { exec_id, spec } => self.exec(exec_id, &spec),
+            HostMsg::ExecCloseStdin { exec_id } => {
+                let st = self.state();
+                if let Some(tx) = st.execs.get(&exec_id).and_then(|e| e.stdin.as_ref()) {
+                    let _ = tx.send(StdinCmd::Close);
+                }
+            }
+            HostMsg::ExecResize {
+                exec_id,
+                rows,
+                cols,
+            } => {
+                let st = self.state();
+                if let Some(master) = st.execs.get(&exec_id).and_then(|e| e.pty_master.as_ref()) {
+                    if let Err(e) = process::set_winsize(master, rows, cols) {
+                        crate::log!("resize of exec {exec_id}: {e}");
+                    }
+                }
+            }
             HostMsg::Shutdown => {
                 crate::log!("shutdown requested");
                 system::reboot();
@@ -120,6 +165,20 @@ impl Agent {
         let st = self.state();
         if let Some(tx) = st.running.as_ref().and_then(|r| r.stdin.as_ref()) {
             let _ = tx.send(StdinCmd::Data(data));
+        }
+    }
+
+    /// The payload of an `ExecStdin` frame: data for that exec's stdin.
+    /// Frames for an unknown (or finished) exec, or without an exec id, are
+    /// ignored.
+    pub fn exec_stdin(&self, payload: &[u8]) {
+        let Some((exec_id, data)) = vessel_protocol::split_exec_data(payload) else {
+            crate::log!("ignoring an ExecStdin frame without an exec id");
+            return;
+        };
+        let st = self.state();
+        if let Some(tx) = st.execs.get(&exec_id).and_then(|e| e.stdin.as_ref()) {
+            let _ = tx.send(StdinCmd::Data(data.to_vec()));
         }
     }
 
@@ -217,18 +276,94 @@ impl Agent {
         }
         let user = user::resolve_in_root(&root, &spec.user)?;
         let env = command::build_env(&spec.env, &spec.hostname, &user.home, spec.tty);
-        let cwd = if spec.cwd.is_empty() {
-            "/".to_string()
-        } else {
-            spec.cwd.clone()
-        };
-        // The working directory may not exist yet: the lookup of a relative
-        // program only needs it as a prefix; spawn creates it.
-        let program = command::resolve_program(&root, &cwd, &env, &spec.args)?;
         let oom_before = system::oom_kills();
-        let spawned = process::spawn(process::Launch {
+        let spawned = process::start(&process::Launch {
             root: &root,
-            program,
+            args: &spec.args,
+            env,
+            cwd: main_cwd(spec),
+            user,
+            tty: spec.tty,
+            tty_size: spec.tty_size,
+            open_stdin: spec.open_stdin,
+            create_cwd: true,
+        })?;
+        self.writer.send(&GuestMsg::Started {
+            pid: spawned.pid as u32,
+        });
+        let muted = Arc::new(AtomicBool::new(false));
+        let count = spawned.outputs.len();
+        let done = process::start_pumps(
+            spawned.outputs,
+            Sink::Main {
+                writer: self.writer.clone(),
+                muted: muted.clone(),
+            },
+        );
+        Ok(Running {
+            pid: spawned.pid,
+            spec: spec.clone(),
+            exited: false,
+            stdin: spawned.stdin,
+            pty_master: spawned.pty_master,
+            pumps_done: Some((done, count)),
+            muted,
+            oom_before,
+        })
+    }
+
+    /// Starts exec `exec_id`, answering `ExecStarted` or `ExecFailed`.
+    fn exec(&self, exec_id: u32, spec: &ExecSpec) {
+        let mut st = self.state();
+        match self.try_exec(&mut st, exec_id, spec) {
+            Ok(proc) => {
+                crate::log!("exec {exec_id} started pid {}", proc.pid);
+                st.execs.insert(exec_id, proc);
+            }
+            Err(e) => {
+                crate::log!("exec {exec_id} failed: {}", e.message);
+                self.writer.send(&GuestMsg::ExecFailed {
+                    exec_id,
+                    message: e.message,
+                    exit_code: e.exit_code,
+                });
+            }
+        }
+    }
+
+    /// Resolves and spawns an exec the way the main process was, sends
+    /// `ExecStarted` and starts its pumps, all under the state lock (so the
+    /// reaper cannot report its exit before `ExecStarted`).
+    fn try_exec(
+        &self,
+        st: &mut State,
+        exec_id: u32,
+        spec: &ExecSpec,
+    ) -> Result<ExecProc, StartError> {
+        let (Some(root), Some(main)) =
+            (st.rootfs.clone(), st.running.as_ref().filter(|r| !r.exited))
+        else {
+            return Err(StartError::other("container is not running"));
+        };
+        if st.execs.contains_key(&exec_id) {
+            return Err(StartError::other(format!(
+                "exec id {exec_id} is already in use"
+            )));
+        }
+        if spec.args.is_empty() {
+            return Err(StartError::other("No exec command specified"));
+        }
+        let user_spec = if spec.user.is_empty() {
+            &main.spec.user
+        } else {
+            &spec.user
+        };
+        let user = user::resolve_in_root(&root, user_spec)?;
+        let env = exec_env(&main.spec, spec, &user.home);
+        let cwd = exec_cwd(&main.spec, spec);
+        check_exec_cwd(&root, &cwd)?;
+        let spawned = process::start(&process::Launch {
+            root: &root,
             args: &spec.args,
             env,
             cwd,
@@ -236,22 +371,29 @@ impl Agent {
             tty: spec.tty,
             tty_size: spec.tty_size,
             open_stdin: spec.open_stdin,
-        })
-        .map_err(|e| spawn_error(&spec.args, &e))?;
-        self.writer.send(&GuestMsg::Started {
+            create_cwd: false,
+        })?;
+        self.writer.send(&GuestMsg::ExecStarted {
+            exec_id,
             pid: spawned.pid as u32,
         });
-        let muted = Arc::new(AtomicBool::new(false));
+        let closed = Arc::new(AtomicBool::new(false));
         let count = spawned.outputs.len();
-        let done = process::start_pumps(spawned.outputs, self.writer.clone(), muted.clone());
-        Ok(Running {
+        let done = process::start_pumps(
+            spawned.outputs,
+            Sink::Exec {
+                writer: self.writer.clone(),
+                exec_id,
+                closed: closed.clone(),
+            },
+        );
+        Ok(ExecProc {
             pid: spawned.pid,
             exited: false,
             stdin: spawned.stdin,
             pty_master: spawned.pty_master,
             pumps_done: Some((done, count)),
-            muted,
-            oom_before,
+            closed,
         })
     }
 
@@ -276,30 +418,98 @@ impl Agent {
                     continue;
                 }
             };
-            let mut st = self.state();
+            let st = self.state();
             let status = waitpid(pid, Some(WaitPidFlag::WNOHANG));
             let exit_code = match status {
                 Ok(WaitStatus::Exited(_, code)) => code,
                 Ok(WaitStatus::Signaled(_, sig, _)) => 128 + sig as i32,
                 _ => continue,
             };
-            let is_main = st
-                .running
-                .as_mut()
-                .filter(|r| r.pid == pid.as_raw() && !r.exited);
-            if let Some(r) = is_main {
-                r.exited = true;
-                drop(st);
-                let agent = self.clone();
-                std::thread::spawn(move || agent.finish(exit_code));
-            }
+            self.reaped(st, pid.as_raw(), exit_code);
         }
     }
 
+    /// Acts on the reaped child `pid` (called with the state lock held):
+    /// the main process's exit is reported by [`Agent::finish`], an exec's
+    /// by [`Agent::finish_exec`], each on its own thread; orphans are
+    /// forgotten.
+    fn reaped(self: &Arc<Self>, mut st: MutexGuard<'_, State>, pid: i32, exit_code: i32) {
+        if let Some(r) = st.running.as_mut().filter(|r| r.pid == pid && !r.exited) {
+            r.exited = true;
+            drop(st);
+            let agent = self.clone();
+            std::thread::spawn(move || agent.finish(exit_code));
+            return;
+        }
+        let exec = st.execs.iter_mut().find(|(_, e)| e.pid == pid && !e.exited);
+        if let Some((&exec_id, e)) = exec {
+            e.exited = true;
+            e.stdin = None; // ends the stdin thread
+            let pumps = e.pumps_done.take();
+            drop(st);
+            let agent = self.clone();
+            std::thread::spawn(move || agent.finish_exec(exec_id, exit_code, pumps));
+        }
+    }
+
+    /// Waits for `count` pumps to report on `done`, at most
+    /// [`DRAIN_TIMEOUT`] — or as long as output waits for acknowledgements,
+    /// when `while_blocked`.
+    fn drain(&self, done: &mpsc::Receiver<()>, count: usize, while_blocked: bool) -> bool {
+        let mut deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut finished = 0;
+        while finished < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match done.recv_timeout(left) {
+                Ok(()) => finished += 1,
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if while_blocked && self.writer.output_blocked() =>
+                {
+                    deadline = Instant::now() + DRAIN_TIMEOUT;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// After exec `exec_id` exited: drain its output (bounded), then report
+    /// `ExecExited` after its last output frame. Other processes live on.
+    fn finish_exec(
+        &self,
+        exec_id: u32,
+        exit_code: i32,
+        pumps: Option<(mpsc::Receiver<()>, usize)>,
+    ) {
+        if let Some((done, count)) = pumps {
+            if !self.drain(&done, count, false) {
+                crate::log!("output of exec {exec_id} did not drain in {DRAIN_TIMEOUT:?}");
+            }
+        }
+        let mut st = self.state();
+        // Gone when the main process's exit already reported it.
+        if let Some(e) = st.execs.remove(&exec_id) {
+            crate::log!("exec {exec_id} exited with {exit_code}");
+            self.report_exec_exit(exec_id, exit_code, &e);
+        }
+    }
+
+    /// Sends `ExecExited` and closes the exec's output under one writer
+    /// lock, so no output frame of it follows. Called with `state` held.
+    fn report_exec_exit(&self, exec_id: u32, exit_code: i32, e: &ExecProc) {
+        let mut w = self.writer.lock();
+        if let Err(err) = w.send(&GuestMsg::ExecExited { exec_id, exit_code }) {
+            crate::log!("sending the exit of exec {exec_id}: {err}");
+        }
+        e.closed.store(true, Ordering::SeqCst);
+    }
+
     /// After the main process exited: kill what is left, drain the output,
-    /// sync, and report `Exited` after the last output frame.
+    /// let the killed execs report their exits, sync, and report `Exited`
+    /// after the last output frame and the last `ExecExited`.
     fn finish(&self, exit_code: i32) {
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        let started = Instant::now();
         let (pumps, muted, oom_before) = {
             let mut st = self.state();
             match st.running.as_mut() {
@@ -310,30 +520,27 @@ impl Agent {
                 None => (None, Arc::new(AtomicBool::new(false)), 0),
             }
         };
+        // A pump waits for the host to acknowledge output (the daemon may be
+        // down): that output must not be lost, so keep waiting as long as
+        // the host holds it up.
         if let Some((done, count)) = pumps {
-            let mut deadline = Instant::now() + DRAIN_TIMEOUT;
-            let mut finished = 0;
-            while finished < count {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match done.recv_timeout(left) {
-                    Ok(()) => finished += 1,
-                    // A pump waits for the host to acknowledge output (the
-                    // daemon may be down): that output must not be lost, so
-                    // keep waiting as long as the host holds it up.
-                    Err(mpsc::RecvTimeoutError::Timeout) if self.writer.output_blocked() => {
-                        deadline = Instant::now() + DRAIN_TIMEOUT;
-                    }
-                    Err(_) => {
-                        crate::log!("output did not drain in {DRAIN_TIMEOUT:?}");
-                        break;
-                    }
-                }
+            if !self.drain(&done, count, true) {
+                crate::log!("output did not drain in {DRAIN_TIMEOUT:?}");
             }
+        }
+        // The execs were killed too: the reaper reports them (in parallel).
+        let deadline = started + EXECS_TIMEOUT;
+        while !self.state().execs.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
         nix::unistd::sync();
         let oom_killed = system::oom_kills() > oom_before;
         crate::log!("process exited with {exit_code} (oom_killed={oom_killed})");
         let mut st = self.state();
+        for (exec_id, e) in std::mem::take(&mut st.execs) {
+            crate::log!("exec {exec_id} (pid {}) did not report its exit", e.pid);
+            self.report_exec_exit(exec_id, KILLED_EXIT_CODE, &e);
+        }
         st.exit = Some((exit_code, oom_killed));
         // Under the writer lock: no pump frame can follow `Exited`.
         let mut w = self.writer.lock();
@@ -352,21 +559,519 @@ impl Agent {
     }
 }
 
-/// Maps an error of `spawn` (chroot, exec...) to a Docker-style start error.
-fn spawn_error(args: &[String], e: &std::io::Error) -> StartError {
-    let name = args.first().map(String::as_str).unwrap_or("");
-    match e.raw_os_error() {
-        Some(libc::ENOENT) => StartError {
-            message: format!("exec: \"{name}\": stat {name}: no such file or directory"),
-            exit_code: 127,
-        },
-        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::ENOEXEC) => StartError {
-            message: format!("exec: \"{name}\": permission denied"),
-            exit_code: 126,
-        },
-        _ => StartError {
-            message: format!("exec: \"{name}\": {e}"),
-            exit_code: 126,
-        },
+/// The main process's working directory: its spec's, `/` by default.
+fn main_cwd(spec: &ProcessSpec) -> String {
+    if spec.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        spec.cwd.clone()
+    }
+}
+
+/// An exec's working directory: its own, else the main process's; always
+/// absolute.
+fn exec_cwd(main: &ProcessSpec, spec: &ExecSpec) -> String {
+    let cwd = if spec.cwd.is_empty() {
+        main_cwd(main)
+    } else {
+        spec.cwd.clone()
+    };
+    if cwd.starts_with('/') {
+        cwd
+    } else {
+        format!("/{cwd}")
+    }
+}
+
+/// An exec's environment, as Docker builds it: the container's defaults
+/// (`PATH`, `HOSTNAME`, `TERM=xterm` when the exec has a TTY), then the
+/// container's environment, then the exec's, a later `KEY=VALUE` replacing
+/// an earlier one; `HOME` (the exec user's home) when still absent.
+fn exec_env(main: &ProcessSpec, spec: &ExecSpec, home: &str) -> Vec<(String, String)> {
+    let merged: Vec<String> = main.env.iter().chain(&spec.env).cloned().collect();
+    command::build_env(&merged, &main.hostname, home, spec.tty)
+}
+
+/// Unlike the main process's, an exec's working directory is not created:
+/// a missing one fails the exec as it does with runc.
+fn check_exec_cwd(root: &Path, cwd: &str) -> Result<(), StartError> {
+    let fail = |reason: &str| StartError {
+        message: format!("chdir to cwd ({cwd:?}) set in config.json failed: {reason}"),
+        exit_code: 126,
+    };
+    let host = rootfs::resolve_in_root(root, Path::new(cwd)).map_err(|e| fail(&e.to_string()))?;
+    match std::fs::metadata(&host) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(fail("not a directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(fail("no such file or directory"))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Err(fail("not a directory")),
+        Err(e) => Err(fail(&e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::io::Read;
+    use vessel_protocol::{Decoder, FrameKind};
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn main_spec() -> ProcessSpec {
+        ProcessSpec {
+            args: s(&["sleep", "1000"]),
+            env: s(&["FOO=main", "BAR=main", "PATH=/bin"]),
+            cwd: "/work".into(),
+            user: "1234:5678".into(),
+            hostname: "box".into(),
+            tty: true,
+            ..Default::default()
+        }
+    }
+
+    /// An agent writing into a pipe, whose main process "runs" in `root`
+    /// (pid 0: never signalled, never reaped).
+    fn running_agent(root: Option<&Path>) -> (Arc<Agent>, File) {
+        let (rx, tx) = nix::unistd::pipe().expect("pipe");
+        let agent = Agent::new(Arc::new(Writer::connected(File::from(tx))));
+        if let Some(root) = root {
+            let mut st = agent.state();
+            st.rootfs = Some(root.to_path_buf());
+            st.running = Some(Running {
+                pid: 0,
+                spec: main_spec(),
+                exited: false,
+                stdin: None,
+                pty_master: None,
+                pumps_done: None,
+                muted: Arc::new(AtomicBool::new(false)),
+                oom_before: 0,
+            });
+        }
+        (agent, File::from(rx))
+    }
+
+    /// Decodes every frame in `bytes`.
+    fn frames(bytes: &[u8]) -> Vec<(FrameKind, Vec<u8>)> {
+        let mut d = Decoder::new();
+        d.push(bytes);
+        let mut out = vec![];
+        while let Some(f) = d.next_frame().expect("frame") {
+            out.push((f.kind, f.payload));
+        }
+        out
+    }
+
+    fn control(payload: &[u8]) -> GuestMsg {
+        vessel_protocol::decode_guest(payload).expect("guest message")
+    }
+
+    fn exec_msg(exec_id: u32, spec: ExecSpec) -> HostMsg {
+        HostMsg::Exec {
+            exec_id,
+            spec: Box::new(spec),
+        }
+    }
+
+    #[test]
+    fn exec_env_is_the_containers_overridden_by_the_execs() {
+        let main = main_spec();
+        let spec = ExecSpec {
+            env: s(&["BAR=exec", "NEW=1", "FOO"]),
+            ..Default::default()
+        };
+        let env = exec_env(&main, &spec, "/home/u");
+        let get = |k: &str| command::env_value(&env, k).map(str::to_string);
+        assert_eq!(get("PATH").as_deref(), Some("/bin"));
+        assert_eq!(get("HOSTNAME").as_deref(), Some("box"));
+        assert_eq!(get("BAR").as_deref(), Some("exec"));
+        assert_eq!(get("NEW").as_deref(), Some("1"));
+        assert_eq!(get("FOO"), None, "a bare key unsets");
+        // HOME is the exec user's; TERM follows the exec's TTY, not the
+        // main process's (Docker's CreateDaemonEnvironment(exec tty)).
+        assert_eq!(get("HOME").as_deref(), Some("/home/u"));
+        assert_eq!(get("TERM"), None);
+        let tty = ExecSpec {
+            tty: true,
+            env: s(&["HOME=/x"]),
+            ..Default::default()
+        };
+        let env = exec_env(&main, &tty, "/home/u");
+        assert_eq!(command::env_value(&env, "TERM"), Some("xterm"));
+        assert_eq!(command::env_value(&env, "HOME"), Some("/x"));
+        assert_eq!(env.iter().filter(|(k, _)| k == "BAR").count(), 1);
+    }
+
+    #[test]
+    fn exec_cwd_defaults_to_the_main_processs() {
+        let main = main_spec();
+        assert_eq!(exec_cwd(&main, &ExecSpec::default()), "/work");
+        let own = ExecSpec {
+            cwd: "/tmp".into(),
+            ..Default::default()
+        };
+        assert_eq!(exec_cwd(&main, &own), "/tmp");
+        let rel = ExecSpec {
+            cwd: "tmp".into(),
+            ..Default::default()
+        };
+        assert_eq!(exec_cwd(&main, &rel), "/tmp");
+        let no_cwd = ProcessSpec::default();
+        assert_eq!(exec_cwd(&no_cwd, &ExecSpec::default()), "/");
+    }
+
+    #[test]
+    fn bad_execs_fail_and_frames_for_unknown_execs_are_ignored() {
+        // Not running: nothing started yet.
+        let (agent, mut rx) = running_agent(None);
+        agent.handle(exec_msg(
+            1,
+            ExecSpec {
+                args: s(&["ls"]),
+                ..Default::default()
+            },
+        ));
+        drop(agent);
+        let mut bytes = vec![];
+        rx.read_to_end(&mut bytes).expect("read");
+        let got = frames(&bytes);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            control(&got[0].1),
+            GuestMsg::ExecFailed {
+                exec_id: 1,
+                message: "container is not running".into(),
+                exit_code: 1
+            }
+        );
+
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("work")).expect("mkdir");
+        std::fs::write(root.path().join("file"), b"").expect("write");
+        let (agent, mut rx) = running_agent(Some(root.path()));
+        agent.handle(exec_msg(2, ExecSpec::default()));
+        agent.handle(exec_msg(
+            3,
+            ExecSpec {
+                args: s(&["ls"]),
+                cwd: "/nope".into(),
+                ..Default::default()
+            },
+        ));
+        agent.handle(exec_msg(
+            4,
+            ExecSpec {
+                args: s(&["ls"]),
+                cwd: "/file".into(),
+                ..Default::default()
+            },
+        ));
+        agent.handle(exec_msg(
+            5,
+            ExecSpec {
+                args: s(&["ls"]),
+                user: "nobody".into(),
+                ..Default::default()
+            },
+        ));
+        // The container has no `ls` in its PATH (/bin).
+        agent.handle(exec_msg(
+            6,
+            ExecSpec {
+                args: s(&["ls"]),
+                ..Default::default()
+            },
+        ));
+        // Frames and messages for execs that do not exist: ignored.
+        agent.exec_stdin(&vessel_protocol::encode_exec_data(FrameKind::ExecStdin, 9, b"x")[5..]);
+        agent.exec_stdin(&[0, 1]);
+        agent.handle(HostMsg::ExecCloseStdin { exec_id: 9 });
+        agent.handle(HostMsg::ExecResize {
+            exec_id: 9,
+            rows: 1,
+            cols: 1,
+        });
+        assert!(agent.state().execs.is_empty());
+        drop(agent);
+        let mut bytes = vec![];
+        rx.read_to_end(&mut bytes).expect("read");
+        let got: Vec<GuestMsg> = frames(&bytes)
+            .iter()
+            .map(|(k, p)| {
+                assert_eq!(*k, FrameKind::Control);
+                control(p)
+            })
+            .collect();
+        let failed = |exec_id: u32, message: &str, exit_code: i32| GuestMsg::ExecFailed {
+            exec_id,
+            message: message.into(),
+            exit_code,
+        };
+        assert_eq!(
+            got,
+            vec![
+                failed(2, "No exec command specified", 1),
+                failed(
+                    3,
+                    "chdir to cwd (\"/nope\") set in config.json failed: no such file or directory",
+                    126
+                ),
+                failed(
+                    4,
+                    "chdir to cwd (\"/file\") set in config.json failed: not a directory",
+                    126
+                ),
+                failed(
+                    5,
+                    "unable to find user nobody: no matching entries in passwd file",
+                    126
+                ),
+                failed(6, "exec: \"ls\": executable file not found in $PATH", 127),
+            ]
+        );
+    }
+
+    /// Runs real execs in a chroot: needs root (skipped otherwise) and a
+    /// static busybox on the host. Stands in for the reaper (which would
+    /// steal other tests' children) by waiting for the exec pids itself.
+    #[test]
+    fn execs_run_in_the_container_and_report_output_then_exit() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/usr/bin/busybox").exists() {
+            eprintln!("skipped: needs root and /usr/bin/busybox");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        for d in ["bin", "work", "tmp"] {
+            std::fs::create_dir_all(root.path().join(d)).expect("mkdir");
+        }
+        std::fs::copy("/usr/bin/busybox", root.path().join("bin/busybox")).expect("copy");
+        std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).expect("symlink");
+        std::os::unix::fs::symlink("busybox", root.path().join("bin/cat")).expect("symlink");
+        let (agent, mut rx) = running_agent(Some(root.path()));
+        // The host side: decode frames as they come.
+        let (tx, frames_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut d = Decoder::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = rx.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                d.push(&buf[..n]);
+                while let Ok(Some(f)) = d.next_frame() {
+                    let _ = tx.send(f);
+                }
+            }
+        });
+
+        agent.handle(exec_msg(7, ExecSpec {
+            args: s(&[
+                "sh",
+                "-c",
+                "echo out; echo err >&2; echo $(id -u):$(id -g) $PWD $FOO $BAR $HOSTNAME $HOME; exit 3",
+            ]),
+            env: s(&["BAR=exec"]),
+            ..Default::default()
+        }));
+        agent.handle(exec_msg(
+            8,
+            ExecSpec {
+                args: s(&["cat"]),
+                cwd: "/tmp".into(),
+                user: "0".into(),
+                open_stdin: true,
+                ..Default::default()
+            },
+        ));
+        let pids: Vec<(u32, i32)> = agent
+            .state()
+            .execs
+            .iter()
+            .map(|(id, e)| (*id, e.pid))
+            .collect();
+        assert_eq!(pids.len(), 2, "both execs run");
+        let stdin = |id: u32, data: &[u8]| {
+            agent
+                .exec_stdin(&vessel_protocol::encode_exec_data(FrameKind::ExecStdin, id, data)[5..])
+        };
+        stdin(8, b"hello ");
+        stdin(9, b"not for anyone ");
+        stdin(8, b"world\n");
+        agent.handle(HostMsg::ExecCloseStdin { exec_id: 8 });
+        for (_, pid) in &pids {
+            let status = waitpid(Pid::from_raw(*pid), None).expect("wait");
+            let code = match status {
+                WaitStatus::Exited(_, code) => code,
+                WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+                other => panic!("unexpected {other:?}"),
+            };
+            agent.reaped(agent.state(), *pid, code);
+        }
+
+        let mut out: HashMap<(u32, u8), Vec<u8>> = HashMap::new();
+        let mut exits = HashMap::new();
+        let mut started = vec![];
+        while exits.len() < 2 {
+            let f = frames_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a frame before both exits");
+            match f.kind {
+                FrameKind::Control => match control(&f.payload) {
+                    GuestMsg::ExecStarted { exec_id, pid } => {
+                        assert!(pids.contains(&(exec_id, pid as i32)));
+                        started.push(exec_id);
+                    }
+                    GuestMsg::ExecExited { exec_id, exit_code } => {
+                        exits.insert(exec_id, exit_code);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                },
+                FrameKind::ExecStdout | FrameKind::ExecStderr => {
+                    let (id, data) = vessel_protocol::split_exec_data(&f.payload).expect("id");
+                    assert!(started.contains(&id), "output of {id} before ExecStarted");
+                    assert!(!exits.contains_key(&id), "output of {id} after ExecExited");
+                    out.entry((id, f.kind as u8)).or_default().extend(data);
+                }
+                k => panic!("unexpected {k:?} frame"),
+            }
+        }
+        let text = |id: u32, kind: FrameKind| {
+            String::from_utf8_lossy(&out.get(&(id, kind as u8)).cloned().unwrap_or_default())
+                .into_owned()
+        };
+        // User, cwd and environment default to the main process's.
+        assert_eq!(
+            text(7, FrameKind::ExecStdout),
+            "out\n1234:5678 /work main exec box /\n"
+        );
+        assert_eq!(text(7, FrameKind::ExecStderr), "err\n");
+        assert_eq!(text(8, FrameKind::ExecStdout), "hello world\n");
+        assert_eq!(text(8, FrameKind::ExecStderr), "");
+        assert_eq!(exits.get(&7), Some(&3));
+        assert_eq!(exits.get(&8), Some(&0));
+        assert!(agent.state().execs.is_empty());
+        // The main process was left alone.
+        assert!(agent.state().running.as_ref().is_some_and(|r| !r.exited));
+    }
+
+    /// Unmounts a test's devpts instance, even when the test fails.
+    struct Unmount(PathBuf);
+
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// A TTY exec: its terminal comes from the container's devpts, output
+    /// arrives as `ExecStdout` only, and `ExecResize` reaches the terminal.
+    #[test]
+    fn tty_exec_uses_the_containers_devpts_and_resizes() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/usr/bin/busybox").exists() {
+            eprintln!("skipped: needs root and /usr/bin/busybox");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        for d in ["bin", "work", "dev/pts"] {
+            std::fs::create_dir_all(root.path().join(d)).expect("mkdir");
+        }
+        std::fs::copy("/usr/bin/busybox", root.path().join("bin/busybox")).expect("copy");
+        std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).expect("symlink");
+        let pts = root.path().join("dev/pts");
+        if let Err(e) = nix::mount::mount(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            nix::mount::MsFlags::empty(),
+            Some("newinstance,ptmxmode=0666"),
+        ) {
+            eprintln!("skipped: cannot mount devpts: {e}");
+            return;
+        }
+        let _unmount = Unmount(pts);
+        let (agent, mut rx) = running_agent(Some(root.path()));
+        agent.handle(exec_msg(
+            5,
+            ExecSpec {
+                args: s(&[
+                    "sh",
+                    "-c",
+                    "stty size; read x; stty size; echo $TERM; tty; exit 4",
+                ]),
+                tty: true,
+                open_stdin: true,
+                tty_size: Some((24, 80)),
+                user: "0".into(),
+                ..Default::default()
+            },
+        ));
+        let pid = agent.state().execs.get(&5).expect("exec 5 runs").pid;
+        let (tx, frames_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut d = Decoder::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = rx.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                d.push(&buf[..n]);
+                while let Ok(Some(f)) = d.next_frame() {
+                    let _ = tx.send(f);
+                }
+            }
+        });
+        let mut out = Vec::new();
+        let next = |out: &mut Vec<u8>| -> Option<GuestMsg> {
+            let f = frames_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a frame");
+            match f.kind {
+                FrameKind::Control => Some(control(&f.payload)),
+                FrameKind::ExecStdout => {
+                    let (id, data) = vessel_protocol::split_exec_data(&f.payload).expect("id");
+                    assert_eq!(id, 5);
+                    out.extend(data);
+                    None
+                }
+                k => panic!("unexpected {k:?} frame"),
+            }
+        };
+        assert!(matches!(
+            next(&mut out),
+            Some(GuestMsg::ExecStarted { exec_id: 5, .. })
+        ));
+        while !String::from_utf8_lossy(&out).contains("24 80") {
+            assert_eq!(next(&mut out), None);
+        }
+        agent.handle(HostMsg::ExecResize {
+            exec_id: 5,
+            rows: 50,
+            cols: 132,
+        });
+        agent.exec_stdin(&vessel_protocol::encode_exec_data(FrameKind::ExecStdin, 5, b"go\n")[5..]);
+        let status = waitpid(Pid::from_raw(pid), None).expect("wait");
+        assert_eq!(status, WaitStatus::Exited(Pid::from_raw(pid), 4));
+        agent.reaped(agent.state(), pid, 4);
+        let exit = loop {
+            if let Some(msg) = next(&mut out) {
+                break msg;
+            }
+        };
+        assert_eq!(
+            exit,
+            GuestMsg::ExecExited {
+                exec_id: 5,
+                exit_code: 4
+            }
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("50 132\r\n"), "{text:?}");
+        assert!(text.contains("xterm\r\n"), "{text:?}");
+        assert!(text.contains("/dev/pts/0\r\n"), "{text:?}");
     }
 }

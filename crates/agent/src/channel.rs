@@ -229,6 +229,30 @@ impl Writer {
         true
     }
 
+    /// Sends output of exec `exec_id` as `kind` frames (`ExecStdout` or
+    /// `ExecStderr`). Exec output is neither numbered nor kept for replay:
+    /// it is written once under the writer lock, and lost when no host is
+    /// connected or the write fails (the exec session dies with its client).
+    ///
+    /// Never waits for a host or for acknowledgements. Returns `Ok(false)`,
+    /// having sent nothing, once `closed` is set (the exec's exit has been
+    /// reported); `closed` is read under the writer lock.
+    pub fn send_exec(
+        &self,
+        kind: FrameKind,
+        exec_id: u32,
+        data: &[u8],
+        closed: &AtomicBool,
+    ) -> io::Result<bool> {
+        let bytes = vessel_protocol::encode_exec_data(kind, exec_id, data);
+        let mut guard = self.inner();
+        if closed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        guard.write(&bytes)?;
+        Ok(true)
+    }
+
     /// The host acknowledged every output frame up to and including `seq`.
     pub fn ack(&self, seq: u64) {
         let mut guard = self.inner();

@@ -13,7 +13,10 @@
 //!   device and the container's writable device under `/run/vessel`), its
 //!   `/proc`, `/sys`, `/dev`, `/etc/hostname`, `/etc/hosts`, and the one
 //!   container process with its stdio;
-//! * reaping every orphan, and reporting the main process's exit.
+//! * while that process runs, extra processes started by `Exec`
+//!   (`docker exec`) in the same root filesystem, with their own stdio;
+//! * reaping every orphan, and reporting the exits of the main process and
+//!   of every exec.
 //!
 //! It must not:
 //!
@@ -22,7 +25,7 @@
 //! * panic or exit on bad input: it logs to stderr (the kernel console) and
 //!   carries on; an unrecoverable error is logged and the VM is rebooted,
 //!   which ends it (QEMU runs with `-no-reboot`);
-//! * run more than one container process, or decide policy (restarts,
+//! * run more than one container main process, or decide policy (restarts,
 //!   logs, networking): that is the host's job.
 
 mod agent;
@@ -107,7 +110,11 @@ fn main() {
                         Err(e) => agent.error(format!("ignoring control frame: {e}")),
                     },
                     FrameKind::Stdin => agent.stdin(frame.payload),
-                    FrameKind::Stdout | FrameKind::Stderr => {
+                    FrameKind::ExecStdin => agent.exec_stdin(&frame.payload),
+                    FrameKind::Stdout
+                    | FrameKind::Stderr
+                    | FrameKind::ExecStdout
+                    | FrameKind::ExecStderr => {
                         log!("ignoring a {:?} frame from the host", frame.kind)
                     }
                 },

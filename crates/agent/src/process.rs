@@ -1,12 +1,14 @@
-//! Starting the container process and moving its stdio.
+//! Starting container processes (the main one and `docker exec`s) and
+//! moving their stdio.
 //!
-//! The process is forked with `std::process::Command` and a `pre_exec`
-//! hook that does, in order: `setsid`, `TIOCSCTTY` (with a TTY), `chroot`,
-//! `mkdir -p` + `chdir` of the working directory, `setgroups`, `setgid`,
-//! `setuid`. The hook only makes raw system calls on data prepared before
-//! the fork (no allocation). Output is read by one thread per stream, stdin
-//! is written by one thread fed through a channel so the main loop never
-//! blocks on a full pipe.
+//! Every process is forked by [`spawn`] with `std::process::Command` and a
+//! `pre_exec` hook that does, in order: `setsid`, `TIOCSCTTY` (with a TTY),
+//! `chroot`, `mkdir -p` (main process only) + `chdir` of the working
+//! directory, `setgroups`, `setgid`, `setuid`. The hook only makes raw
+//! system calls on data prepared before the fork (no allocation). Output is
+//! read by one thread per stream and sent to a [`Sink`]; stdin is written by
+//! one thread fed through a channel so the main loop never blocks on a full
+//! pipe.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -23,15 +25,15 @@ use std::sync::{mpsc, Arc};
 use vessel_protocol::FrameKind;
 
 use crate::channel::Writer;
+use crate::command::{self, StartError};
 use crate::user::ExecUser;
 
-/// What to run, fully resolved.
+/// What to run, resolved but for the program (see [`start`]).
 pub struct Launch<'a> {
     /// Root directory to chroot into.
     pub root: &'a Path,
-    /// Path of the executable inside the root.
-    pub program: String,
-    /// argv, `args[0]` kept as the user gave it.
+    /// argv, `args[0]` kept as the user gave it and looked up in the
+    /// container's `PATH` by [`start`].
     pub args: &'a [String],
     /// Environment.
     pub env: Vec<(String, String)>,
@@ -45,6 +47,34 @@ pub struct Launch<'a> {
     pub tty_size: Option<(u16, u16)>,
     /// Keep stdin open.
     pub open_stdin: bool,
+    /// Create a missing working directory (the main process); an exec's
+    /// must exist.
+    pub create_cwd: bool,
+}
+
+/// Where a process's output goes.
+#[derive(Clone)]
+pub enum Sink {
+    /// The main process: numbered `Stdout`/`Stderr` frames kept until
+    /// acknowledged (see [`Writer::send_output`]); nothing more once `muted`
+    /// is set (the exit has been reported).
+    Main {
+        /// The channel.
+        writer: Arc<Writer>,
+        /// Set once `Exited` was sent.
+        muted: Arc<AtomicBool>,
+    },
+    /// An exec: `ExecStdout`/`ExecStderr` frames for `exec_id`, neither
+    /// numbered nor kept (see [`Writer::send_exec`]); nothing more once
+    /// `closed` is set (its `ExecExited` was sent).
+    Exec {
+        /// The channel.
+        writer: Arc<Writer>,
+        /// Exec id.
+        exec_id: u32,
+        /// Set once `ExecExited` was sent.
+        closed: Arc<AtomicBool>,
+    },
 }
 
 /// A command for the stdin thread.
@@ -123,8 +153,38 @@ fn cstring(s: impl AsRef<[u8]>) -> io::Result<CString> {
     CString::new(s.as_ref()).map_err(|_| io::Error::other("path contains a NUL byte"))
 }
 
-/// Forks and execs the process (see the module doc for the exec sequence).
-pub fn spawn(l: Launch<'_>) -> io::Result<Spawned> {
+/// Finds the program for `l.args` inside the container and spawns it: the
+/// one way both the main process and every exec start. Errors carry
+/// Docker's messages and exit codes.
+pub fn start(l: &Launch<'_>) -> Result<Spawned, StartError> {
+    // The working directory may not exist yet: the lookup of a relative
+    // program only needs it as a prefix; spawn creates it (main process).
+    let program = command::resolve_program(l.root, &l.cwd, &l.env, l.args)?;
+    spawn(l, &program).map_err(|e| spawn_error(l.args, &e))
+}
+
+/// Maps an error of `spawn` (chroot, exec...) to a Docker-style start error.
+fn spawn_error(args: &[String], e: &io::Error) -> StartError {
+    let name = args.first().map(String::as_str).unwrap_or("");
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => StartError {
+            message: format!("exec: \"{name}\": stat {name}: no such file or directory"),
+            exit_code: 127,
+        },
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::ENOEXEC) => StartError {
+            message: format!("exec: \"{name}\": permission denied"),
+            exit_code: 126,
+        },
+        _ => StartError {
+            message: format!("exec: \"{name}\": {e}"),
+            exit_code: 126,
+        },
+    }
+}
+
+/// Forks and execs `program` (a path inside the root) with `l` (see the
+/// module doc for the exec sequence).
+pub fn spawn(l: &Launch<'_>, program: &str) -> io::Result<Spawned> {
     let root = cstring(l.root.as_os_str().as_bytes())?;
     let cwd = if l.cwd.starts_with('/') {
         l.cwd.clone()
@@ -140,11 +200,14 @@ pub fn spawn(l: Launch<'_>) -> io::Result<Spawned> {
         prefixes.push(cstring(&acc)?);
     }
     let cwd_c = cstring(&cwd)?;
+    if !l.create_cwd {
+        prefixes.clear();
+    }
     let groups: Vec<libc::gid_t> = l.user.sgids.clone();
     let (uid, gid, tty) = (l.user.uid, l.user.gid, l.tty);
 
-    let mut cmd = Command::new(&l.program);
-    cmd.arg0(l.args.first().map(String::as_str).unwrap_or(&l.program));
+    let mut cmd = Command::new(program);
+    cmd.arg0(l.args.first().map(String::as_str).unwrap_or(program));
     cmd.args(l.args.iter().skip(1));
     cmd.env_clear();
     cmd.envs(l.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -260,30 +323,57 @@ fn start_stdin(file: File, tty: bool) -> mpsc::Sender<StdinCmd> {
     tx
 }
 
-/// Starts one thread per output stream. Each sends its data as numbered
-/// output frames (kept until acknowledged, see [`Writer::send_output`])
+impl Sink {
+    /// Sends one chunk of output read from a `Stdout` or `Stderr` stream.
+    /// Returns `false` when the pump must stop (the exit was reported).
+    /// `failed` makes an exec's write errors logged once per stream.
+    fn send(&self, kind: FrameKind, data: &[u8], failed: &mut bool) -> bool {
+        match self {
+            // Waits while the host has too much unacknowledged output,
+            // which back-pressures the process.
+            Sink::Main { writer, muted } => writer.send_output(kind, data, muted),
+            Sink::Exec {
+                writer,
+                exec_id,
+                closed,
+            } => {
+                let kind = match kind {
+                    FrameKind::Stderr => FrameKind::ExecStderr,
+                    _ => FrameKind::ExecStdout,
+                };
+                match writer.send_exec(kind, *exec_id, data, closed) {
+                    Ok(more) => more,
+                    Err(e) => {
+                        // Dropped; keep draining so the process never blocks.
+                        if !*failed {
+                            crate::log!("sending output of exec {exec_id}: {e}");
+                            *failed = true;
+                        }
+                        true
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts one thread per output stream. Each sends its data to `sink`
 /// until EOF (EIO on a PTY master whose slave is closed), then reports on
-/// `done`. Once `muted` is set (the exit has been reported) nothing more is
-/// sent.
-pub fn start_pumps(
-    outputs: Vec<(File, FrameKind)>,
-    writer: Arc<Writer>,
-    muted: Arc<AtomicBool>,
-) -> mpsc::Receiver<()> {
+/// `done`. Once the sink is muted (the exit has been reported) nothing more
+/// is sent.
+pub fn start_pumps(outputs: Vec<(File, FrameKind)>, sink: Sink) -> mpsc::Receiver<()> {
     let (done_tx, done_rx) = mpsc::channel();
     for (mut file, kind) in outputs {
-        let writer = writer.clone();
-        let muted = muted.clone();
+        let sink = sink.clone();
         let done = done_tx.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut failed = false;
             loop {
                 match file.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        // Waits while the host has too much unacknowledged
-                        // output, which back-pressures the process.
-                        if !writer.send_output(kind, &buf[..n], &muted) {
+                        if !sink.send(kind, &buf[..n], &mut failed) {
                             break;
                         }
                     }
@@ -326,27 +416,32 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let spawned = spawn(Launch {
-            root: dir.path(),
-            program: "/bin/busybox".into(),
-            args: &args,
-            env: vec![("FOO".into(), "bar".into())],
-            cwd: "/work/dir".into(),
-            user: ExecUser {
-                uid: 1234,
-                gid: 5678,
-                sgids: vec![5678, 42],
-                home: "/".into(),
+        let spawned = spawn(
+            &Launch {
+                root: dir.path(),
+                args: &args,
+                env: vec![("FOO".into(), "bar".into())],
+                cwd: "/work/dir".into(),
+                user: ExecUser {
+                    uid: 1234,
+                    gid: 5678,
+                    sgids: vec![5678, 42],
+                    home: "/".into(),
+                },
+                tty: false,
+                tty_size: None,
+                open_stdin: false,
+                create_cwd: true,
             },
-            tty: false,
-            tty_size: None,
-            open_stdin: false,
-        })
+            "/bin/busybox",
+        )
         .expect("spawn");
         let done = start_pumps(
             spawned.outputs,
-            writer.clone(),
-            Arc::new(AtomicBool::new(false)),
+            Sink::Main {
+                writer: writer.clone(),
+                muted: Arc::new(AtomicBool::new(false)),
+            },
         );
         for _ in 0..2 {
             done.recv_timeout(std::time::Duration::from_secs(10))

@@ -21,9 +21,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use axum::Router;
 use bollard_stubs::models::{
-    ContainerCreateBody, ContainerCreateResponse, ContainerWaitResponse, ImageDeleteResponseItem,
-    ImageInspect, ImageInspectRootFs, ImageSummary, Runtime, SystemInfo, SystemVersion,
-    SystemVersionComponents, SystemVersionPlatform,
+    ContainerCreateBody, ContainerCreateResponse, ContainerWaitResponse, ExecConfig,
+    ExecStartConfig, ImageDeleteResponseItem, ImageInspect, ImageInspectRootFs, ImageSummary,
+    Runtime, SystemInfo, SystemVersion, SystemVersionComponents, SystemVersionPlatform,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -154,6 +154,10 @@ pub fn service(engine: Engine) -> Router {
         .route("/containers/{id}/attach", post(container_attach))
         .route("/containers/{id}/logs", get(container_logs))
         .route("/containers/{id}", delete(container_remove))
+        .route("/containers/{id}/exec", post(exec_create))
+        .route("/exec/{id}/start", post(exec_start))
+        .route("/exec/{id}/resize", post(exec_resize))
+        .route("/exec/{id}/json", get(exec_inspect))
         .fallback(not_found)
         .with_state(AppState { engine });
     Router::new()
@@ -690,19 +694,24 @@ async fn container_wait(
         .into_response())
 }
 
-async fn container_resize(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    req: Request,
-) -> ApiResult<StatusCode> {
-    let q = Query::of(req.uri());
+fn resize_args(q: &Query) -> ApiResult<(u16, u16)> {
     let parse = |k: &str| -> ApiResult<u16> {
         q.get(k)
             .unwrap_or("0")
             .parse::<u16>()
             .map_err(|_| ApiError::bad(format!("invalid {k}: {}", q.get(k).unwrap_or(""))))
     };
-    s.engine.resize(&id, parse("h")?, parse("w")?).await?;
+    Ok((parse("h")?, parse("w")?))
+}
+
+async fn container_resize(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    let (h, w) = resize_args(&q)?;
+    s.engine.resize(&id, h, w).await?;
     Ok(StatusCode::OK)
 }
 
@@ -776,49 +785,43 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-async fn container_attach(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    mut req: Request,
-) -> ApiResult<Response> {
-    let q = Query::of(req.uri());
-    let (cid, mut att) = s.engine.attach(&id)?;
-    let rec = s.engine.record(&cid)?;
-    if rec.state.status == vessel_engine::Status::Exited && !q.flag("logs") {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "You cannot attach to a stopped container, start it first",
-        ));
-    }
-    let want_stdin = q.flag("stdin") && rec.config.open_stdin.unwrap_or(false);
-    let want_stdout = q.flag("stdout");
-    let want_stderr = q.flag("stderr");
-    let tty = att.tty;
-    let upgrading = req.headers().get(header::UPGRADE).is_some();
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let engine = s.engine.clone();
+/// Feeds a hijacked connection's input somewhere: `Some(bytes)` for data,
+/// `None` at end of input. Returns false to stop reading.
+type StdinSink =
+    Box<dyn FnMut(Option<Vec<u8>>) -> futures::future::BoxFuture<'static, bool> + Send>;
+
+/// After a `101 UPGRADED`, streams `output` to the client (multiplexed
+/// frames, or raw bytes with a TTY) until the process ends, and feeds what
+/// the client sends to `stdin`. `first` is written before any output (an
+/// error message for an exec that failed to start).
+fn serve_hijacked(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    mut output: tokio::sync::broadcast::Receiver<Output>,
+    tty: bool,
+    (want_stdout, want_stderr): (bool, bool),
+    stdin: Option<StdinSink>,
+    before: Option<futures::future::BoxFuture<'static, Option<String>>>,
+) {
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                debug!("attach upgrade failed: {e}");
+                debug!("upgrade failed: {e}");
                 return;
             }
         };
         let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-        let stdin_task = want_stdin.then(|| {
-            let engine = engine.clone();
-            let cid = cid.clone();
+        let stdin_task = stdin.map(|mut sink| {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 32 * 1024];
                 loop {
                     match rd.read(&mut buf).await {
                         Ok(0) | Err(_) => {
-                            let _ = engine.close_stdin(&cid).await;
+                            sink(None).await;
                             break;
                         }
                         Ok(n) => {
-                            if engine.write_stdin(&cid, &buf[..n]).await.is_err() {
+                            if !sink(Some(buf[..n].to_vec())).await {
                                 break;
                             }
                         }
@@ -826,11 +829,22 @@ async fn container_attach(
                 }
             })
         });
+        if let Some(before) = before {
+            if let Some(msg) = before.await {
+                let line = format!("{msg}\r\n");
+                let bytes = if tty {
+                    line.into_bytes()
+                } else {
+                    frame(StreamId::Stderr, line.as_bytes())
+                };
+                let _ = wr.write_all(&bytes).await;
+            }
+        }
         loop {
-            let item = match att.output.recv().await {
+            let item = match output.recv().await {
                 Ok(o) => o,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(%cid, "attach client fell behind; {n} output chunks dropped");
+                    warn!("attach client fell behind; {n} output chunks dropped");
                     continue;
                 }
                 Err(_) => break,
@@ -863,7 +877,10 @@ async fn container_attach(
             t.abort();
         }
     });
-    let ct = if tty { RAW } else { MULTIPLEXED };
+}
+
+/// The `101 UPGRADED` answer (or `200` for a client that did not ask to upgrade).
+fn upgraded_response(upgrading: bool, tty: bool) -> Response {
     let mut resp = Response::new(Body::empty());
     if upgrading {
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -872,9 +889,149 @@ async fn container_attach(
         resp.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("tcp"));
     }
+    let ct = if tty { RAW } else { MULTIPLEXED };
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-    Ok(resp)
+    resp
+}
+
+async fn container_attach(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    mut req: Request,
+) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let (cid, att) = s.engine.attach(&id)?;
+    let rec = s.engine.record(&cid)?;
+    if rec.state.status == vessel_engine::Status::Exited && !q.flag("logs") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "You cannot attach to a stopped container, start it first",
+        ));
+    }
+    let want_stdin = q.flag("stdin") && rec.config.open_stdin.unwrap_or(false);
+    let upgrading = req.headers().get(header::UPGRADE).is_some();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let stdin: Option<StdinSink> = want_stdin.then(|| {
+        let engine = s.engine.clone();
+        Box::new(move |data: Option<Vec<u8>>| {
+            let engine = engine.clone();
+            let cid = cid.clone();
+            Box::pin(async move {
+                match data {
+                    Some(d) => engine.write_stdin(&cid, &d).await.is_ok(),
+                    None => {
+                        let _ = engine.close_stdin(&cid).await;
+                        false
+                    }
+                }
+            }) as futures::future::BoxFuture<'static, bool>
+        }) as StdinSink
+    });
+    serve_hijacked(
+        on_upgrade,
+        att.output,
+        att.tty,
+        (q.flag("stdout"), q.flag("stderr")),
+        stdin,
+        None,
+    );
+    Ok(upgraded_response(upgrading, att.tty))
+}
+
+async fn exec_create(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let bytes = axum::body::to_bytes(req.into_body(), 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::bad(format!("reading request body: {e}")))?;
+    let config: ExecConfig =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))?;
+    let id = s.engine.exec_create(&id, config)?;
+    // Docker spells it `Id` (bollard's IdResponse serialises `id`).
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "Id": id })),
+    )
+        .into_response())
+}
+
+async fn exec_start(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    mut req: Request,
+) -> ApiResult<Response> {
+    let upgrading = req.headers().get(header::UPGRADE).is_some();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let bytes = axum::body::to_bytes(req.into_body(), 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::bad(format!("reading request body: {e}")))?;
+    let cfg: ExecStartConfig = if bytes.is_empty() {
+        ExecStartConfig::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))?
+    };
+    let tty_size = cfg
+        .console_size
+        .as_ref()
+        .filter(|c| c.len() == 2 && c[0] > 0 && c[1] > 0)
+        .map(|c| (c[0] as u16, c[1] as u16));
+    let e = s.engine.exec_claim(&id)?;
+    if cfg.detach.unwrap_or(false) {
+        s.engine.exec_launch(&e, tty_size).await.map_err(|m| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("OCI runtime exec failed: {m}"),
+            )
+        })?;
+        return Ok(StatusCode::OK.into_response());
+    }
+    let output = e.subscribe();
+    let tty = e.tty();
+    let engine = s.engine.clone();
+    let launch_exec = e.clone();
+    let before = Box::pin(async move {
+        engine
+            .exec_launch(&launch_exec, tty_size)
+            .await
+            .err()
+            .map(|m| format!("OCI runtime exec failed: {m}"))
+    }) as futures::future::BoxFuture<'static, Option<String>>;
+    let stdin: Option<StdinSink> = e.config.attach_stdin.unwrap_or(false).then(|| {
+        let engine = s.engine.clone();
+        let e = e.clone();
+        Box::new(move |data: Option<Vec<u8>>| {
+            let engine = engine.clone();
+            let e = e.clone();
+            Box::pin(async move {
+                let more = data.is_some();
+                engine.exec_stdin(&e, data.as_deref()).await.is_ok() && more
+            }) as futures::future::BoxFuture<'static, bool>
+        }) as StdinSink
+    });
+    let want = (
+        e.config.attach_stdout.unwrap_or(true),
+        e.config.attach_stderr.unwrap_or(true),
+    );
+    serve_hijacked(on_upgrade, output, tty, want, stdin, Some(before));
+    Ok(upgraded_response(upgrading, tty))
+}
+
+async fn exec_resize(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    let (h, w) = resize_args(&q)?;
+    s.engine.exec_resize(&id, h, w).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn exec_inspect(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(axum::Json(s.engine.exec(&id)?.inspect()).into_response())
 }
 
 #[cfg(test)]

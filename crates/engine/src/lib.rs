@@ -10,6 +10,7 @@
 //! It must not speak HTTP or know about the Docker API's wire formats beyond
 //! the model types it returns: that is the API layer's job.
 
+mod exec;
 mod logs;
 mod names;
 mod record;
@@ -23,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard_stubs::models::{
-    ContainerConfig, ContainerCreateBody, ContainerInspectResponse, ContainerSummary, HostConfig,
+    ContainerConfig, ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ExecConfig,
+    HostConfig,
 };
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
@@ -34,6 +36,7 @@ use vessel_store::Store;
 use vessel_vm::channel::{connect, AgentReader, AgentWriter, Incoming, Transport};
 use vessel_vm::{Accel, Boot, Hypervisor, ProbeResult, Qemu, VmSpec};
 
+pub use exec::{ExecHandle, ExecState};
 pub use logs::LogEntry;
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
 
@@ -259,6 +262,8 @@ struct Inner {
     blank_upper: PathBuf,
     guest_kernel: String,
     templates: Option<Arc<template::Templates>>,
+    execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
+    next_exec: std::sync::atomic::AtomicU32,
     containers: Mutex<HashMap<String, Arc<Handle>>>,
     create_lock: tokio::sync::Mutex<()>,
 }
@@ -362,6 +367,8 @@ impl Engine {
                 blank_upper,
                 guest_kernel,
                 templates,
+                execs: Mutex::new(HashMap::new()),
+                next_exec: std::sync::atomic::AtomicU32::new(0),
                 containers: Mutex::new(HashMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
             }),
@@ -926,6 +933,40 @@ impl Engine {
                 }))) => {
                     exit = Some((exit_code, oom_killed));
                 }
+                Ok(Some(Incoming::ExecStdout { exec_id, data })) => {
+                    if let Some(e) = self.exec_by_num(&id, exec_id) {
+                        let _ = e.output.send(Output::Stdout(Bytes::from(data)));
+                    }
+                }
+                Ok(Some(Incoming::ExecStderr { exec_id, data })) => {
+                    if let Some(e) = self.exec_by_num(&id, exec_id) {
+                        let _ = e.output.send(Output::Stderr(Bytes::from(data)));
+                    }
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::ExecStarted { exec_id, pid }))) => {
+                    if let Some(e) = self.exec_by_num(&id, exec_id) {
+                        let mut g = e.lock();
+                        g.state = ExecState::Running;
+                        g.pid = Some(pid);
+                        if let Some(tx) = g.started.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::ExecFailed {
+                    exec_id,
+                    message,
+                    exit_code,
+                }))) => {
+                    if let Some(e) = self.exec_by_num(&id, exec_id) {
+                        e.finish(i64::from(exit_code), Some(message));
+                    }
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::ExecExited { exec_id, exit_code }))) => {
+                    if let Some(e) = self.exec_by_num(&id, exec_id) {
+                        e.finish(i64::from(exit_code), None);
+                    }
+                }
                 Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => {
                     warn!(%id, "guest agent: {message}")
                 }
@@ -977,6 +1018,9 @@ impl Engine {
         });
         if let Err(e) = self.persist(&rec) {
             warn!(%id, "cannot save exit: {e}");
+        }
+        for e in self.execs_of(&id) {
+            e.finish(137, Some(format!("container {id} stopped")));
         }
         let _ = h.output.send(Output::End);
         h.log_version.send_modify(|v| *v += 1);
@@ -1149,6 +1193,9 @@ impl Engine {
             .map_err(|e| internal("container table", e))?
             .remove(&rec.id);
         h.status.send_modify(|w| w.removed = true);
+        if let Ok(mut execs) = self.inner.execs.lock() {
+            execs.retain(|_, e| e.container_id != rec.id);
+        }
         info!(id = %rec.id, "container removed");
         Ok(())
     }
@@ -1305,6 +1352,178 @@ impl Engine {
             }
         });
         Ok((tty, rx))
+    }
+
+    fn execs_of(&self, container_id: &str) -> Vec<Arc<ExecHandle>> {
+        self.inner
+            .execs
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|e| e.container_id == container_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn exec_by_num(&self, container_id: &str, num: u32) -> Option<Arc<ExecHandle>> {
+        self.execs_of(container_id)
+            .into_iter()
+            .find(|e| e.num == num)
+    }
+
+    /// `POST /containers/{id}/exec`: returns the exec id.
+    pub fn exec_create(&self, container: &str, config: ExecConfig) -> Result<String, EngineError> {
+        let h = self.lookup(container)?;
+        if !h.rec().running() {
+            return Err(EngineError::Conflict(format!(
+                "container {} is not running",
+                h.id
+            )));
+        }
+        if config.cmd.as_ref().is_none_or(|c| c.is_empty()) {
+            return Err(EngineError::InvalidParameter(
+                "No exec command specified".into(),
+            ));
+        }
+        let mut idb = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut idb);
+        let id = hex::encode(idb);
+        let num = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
+        let e = ExecHandle::new(id.clone(), h.id.clone(), num, config);
+        self.inner
+            .execs
+            .lock()
+            .map_err(|e| internal("exec table", e))?
+            .insert(id.clone(), e);
+        Ok(id)
+    }
+
+    /// Finds an exec instance by id or unambiguous prefix.
+    pub fn exec(&self, id: &str) -> Result<Arc<ExecHandle>, EngineError> {
+        let map = self
+            .inner
+            .execs
+            .lock()
+            .map_err(|e| internal("exec table", e))?;
+        if let Some(e) = map.get(id) {
+            return Ok(e.clone());
+        }
+        let found: Vec<_> = if id.is_empty() {
+            vec![]
+        } else {
+            map.values().filter(|e| e.id.starts_with(id)).collect()
+        };
+        match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            _ => Err(EngineError::NotFound(format!(
+                "No such exec instance: {id}"
+            ))),
+        }
+    }
+
+    /// Marks an exec as being started; a second start is a conflict.
+    pub fn exec_claim(&self, id: &str) -> Result<Arc<ExecHandle>, EngineError> {
+        let e = self.exec(id)?;
+        let mut g = e.lock();
+        match g.state {
+            ExecState::Created => {}
+            ExecState::Exited => {
+                return Err(EngineError::Conflict(format!(
+                    "Error: Exec command {} has already run",
+                    e.id
+                )))
+            }
+            _ => {
+                return Err(EngineError::Conflict(format!(
+                    "Error: Exec command {} is already running",
+                    e.id
+                )))
+            }
+        }
+        if !self
+            .lookup(&e.container_id)
+            .map(|h| h.rec().running())
+            .unwrap_or(false)
+        {
+            return Err(EngineError::Conflict(format!(
+                "container {} is not running",
+                e.container_id
+            )));
+        }
+        g.state = ExecState::Starting;
+        drop(g);
+        Ok(e)
+    }
+
+    /// Starts a claimed exec in its VM and waits until it runs. Subscribe to
+    /// its output before calling this. `Err` carries Docker's message; the
+    /// exit code is recorded on the exec.
+    pub async fn exec_launch(
+        &self,
+        e: &Arc<ExecHandle>,
+        tty_size: Option<(u16, u16)>,
+    ) -> Result<(), String> {
+        let h = match self.lookup(&e.container_id) {
+            Ok(h) => h,
+            Err(err) => {
+                e.finish(126, Some(err.to_string()));
+                return Err(err.to_string());
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        e.lock().started = Some(tx);
+        {
+            let live = h.live.lock().await;
+            let sent = match &live.writer {
+                Some(w) => w
+                    .send(&HostMsg::Exec {
+                        exec_id: e.num,
+                        spec: Box::new(e.spec(tty_size)),
+                    })
+                    .await
+                    .map_err(|err| err.to_string()),
+                None => Err(format!("container {} is not running", e.container_id)),
+            };
+            if let Err(msg) = sent {
+                e.finish(126, Some(msg.clone()));
+                return Err(msg);
+            }
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err("the exec was abandoned".into()),
+        }
+    }
+
+    /// Sends stdin to an exec (`None`: close it).
+    pub async fn exec_stdin(&self, e: &ExecHandle, data: Option<&[u8]>) -> Result<(), EngineError> {
+        let h = self.lookup(&e.container_id)?;
+        let live = h.live.lock().await;
+        let Some(w) = &live.writer else { return Ok(()) };
+        match data {
+            Some(d) => w.send_exec_stdin(e.num, d).await,
+            None => w.send(&HostMsg::ExecCloseStdin { exec_id: e.num }).await,
+        }
+        .map_err(|err| internal("exec stdin", err))
+    }
+
+    /// `POST /exec/{id}/resize`.
+    pub async fn exec_resize(&self, id: &str, rows: u16, cols: u16) -> Result<(), EngineError> {
+        let e = self.exec(id)?;
+        let h = self.lookup(&e.container_id)?;
+        let live = h.live.lock().await;
+        if let Some(w) = &live.writer {
+            w.send(&HostMsg::ExecResize {
+                exec_id: e.num,
+                rows,
+                cols,
+            })
+            .await
+            .map_err(|err| internal("resize", err))?;
+        }
+        Ok(())
     }
 
     /// Reconnects to every container recorded as running, marks the ones

@@ -103,6 +103,13 @@ pub enum FrameKind {
     Stdout = 3,
     /// Bytes the process wrote to standard error, after a sequence number.
     Stderr = 4,
+    /// Bytes for an exec process's stdin: payload is a 4-byte big-endian
+    /// exec id, then the data (host to guest).
+    ExecStdin = 5,
+    /// An exec process's stdout (or TTY): 4-byte big-endian exec id, then data.
+    ExecStdout = 6,
+    /// An exec process's stderr: 4-byte big-endian exec id, then data.
+    ExecStderr = 7,
 }
 
 impl FrameKind {
@@ -112,6 +119,9 @@ impl FrameKind {
             2 => Some(Self::Stdin),
             3 => Some(Self::Stdout),
             4 => Some(Self::Stderr),
+            5 => Some(Self::ExecStdin),
+            6 => Some(Self::ExecStdout),
+            7 => Some(Self::ExecStderr),
             _ => None,
         }
     }
@@ -182,6 +192,27 @@ pub enum HostMsg {
     },
     /// The host has recorded the exit: sync disks and power off.
     Shutdown,
+    /// Start an extra process in the running container (`docker exec`).
+    Exec {
+        /// Host-chosen id, unique within this VM.
+        exec_id: u32,
+        /// What to run.
+        spec: Box<ExecSpec>,
+    },
+    /// The host will send no more stdin to exec `exec_id`.
+    ExecCloseStdin {
+        /// Exec id.
+        exec_id: u32,
+    },
+    /// Set exec `exec_id`'s TTY window size.
+    ExecResize {
+        /// Exec id.
+        exec_id: u32,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
     /// The host has durably handled every output frame up to and including
     /// `seq`: the agent may forget them (see the crate docs, "Acknowledgement
     /// and replay").
@@ -220,6 +251,29 @@ pub enum GuestMsg {
         exit_code: i32,
         /// The kernel's OOM killer ended the process.
         oom_killed: bool,
+    },
+    /// Exec `exec_id` runs.
+    ExecStarted {
+        /// Exec id.
+        exec_id: u32,
+        /// Its PID inside the guest.
+        pid: u32,
+    },
+    /// Exec `exec_id` could not be started.
+    ExecFailed {
+        /// Exec id.
+        exec_id: u32,
+        /// Docker-style reason.
+        message: String,
+        /// 126, 127 or 1, as for the main process.
+        exit_code: i32,
+    },
+    /// Exec `exec_id` ended; all its output was sent before this message.
+    ExecExited {
+        /// Exec id.
+        exec_id: u32,
+        /// Exit status; 128 + signal number when killed by a signal.
+        exit_code: i32,
     },
     /// The agent could not do what was asked (not fatal for the VM).
     Error {
@@ -283,6 +337,54 @@ pub struct ProcessSpec {
     /// spec; a restored VM's clock still shows the template's time.
     #[serde(default)]
     pub clock_unix_ns: u64,
+}
+
+/// An extra process in a running container (`docker exec`). It runs in the
+/// container's root filesystem with the container's environment plus `env`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExecSpec {
+    /// argv; `args[0]` is looked up in the container's `PATH`.
+    pub args: Vec<String>,
+    /// Environment as `KEY=VALUE`: the container's, then the exec's own.
+    pub env: Vec<String>,
+    /// Working directory; empty means the container's.
+    pub cwd: String,
+    /// User as Docker accepts it; empty means the container's.
+    pub user: String,
+    /// Allocate a pseudo-terminal.
+    pub tty: bool,
+    /// Keep stdin open (otherwise `/dev/null`).
+    pub open_stdin: bool,
+    /// Initial TTY size (rows, cols).
+    pub tty_size: Option<(u16, u16)>,
+}
+
+/// Encodes exec stdio (`ExecStdin`, `ExecStdout` or `ExecStderr`) for
+/// `exec_id`, split into frames of at most [`MAX_PAYLOAD`].
+pub fn encode_exec_data(kind: FrameKind, exec_id: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 9 * (data.len() / MAX_PAYLOAD + 1));
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![data]
+    } else {
+        data.chunks(MAX_PAYLOAD - 4).collect()
+    };
+    for chunk in chunks {
+        let len = (chunk.len() + 5) as u32;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.push(kind as u8);
+        out.extend_from_slice(&exec_id.to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// Splits an exec stdio payload into its exec id and data.
+pub fn split_exec_data(payload: &[u8]) -> Option<(u32, &[u8])> {
+    if payload.len() < 4 {
+        return None;
+    }
+    let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    Some((id, &payload[4..]))
 }
 
 /// How the guest builds the container's root filesystem.
@@ -541,6 +643,29 @@ mod tests {
             GuestMsg::Started { pid: 9 }
         );
         assert!(d.next_frame().expect("decode").is_none());
+    }
+
+    #[test]
+    fn exec_frames_carry_their_exec_id() {
+        let bytes = encode_exec_data(FrameKind::ExecStdout, 7, b"hello");
+        let mut d = Decoder::new();
+        d.push(&bytes);
+        let f = d.next_frame().expect("decode").expect("frame");
+        assert_eq!(f.kind, FrameKind::ExecStdout);
+        assert_eq!(split_exec_data(&f.payload), Some((7, &b"hello"[..])));
+        assert_eq!(split_exec_data(&[0, 1]), None);
+        let msg = HostMsg::Exec {
+            exec_id: 3,
+            spec: Box::new(ExecSpec {
+                args: vec!["ls".into()],
+                ..Default::default()
+            }),
+        };
+        let json = serde_json::to_string(&msg).expect("json");
+        assert!(
+            json.starts_with(r#"{"type":"exec","exec_id":3,"spec":{"args":["ls"]"#),
+            "{json}"
+        );
     }
 
     #[test]

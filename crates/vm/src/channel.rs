@@ -67,6 +67,20 @@ pub enum Incoming {
     Stdout(Vec<u8>),
     /// Process output on stderr.
     Stderr(Vec<u8>),
+    /// Output of an exec process on stdout (or its TTY).
+    ExecStdout {
+        /// Exec id.
+        exec_id: u32,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// Output of an exec process on stderr.
+    ExecStderr {
+        /// Exec id.
+        exec_id: u32,
+        /// Bytes.
+        data: Vec<u8>,
+    },
 }
 
 /// A frame from the agent, sorted.
@@ -76,6 +90,8 @@ enum Received {
     Output(u64, Incoming),
     /// Output already received on this connection.
     Duplicate,
+    /// Exec output (not sequenced: it is not part of the container's logs).
+    Exec(Incoming),
 }
 
 /// Receiving half of an agent connection.
@@ -118,6 +134,16 @@ impl AgentWriter {
         self.write_all(&encode_data(FrameKind::Stdin, data)).await
     }
 
+    /// Sends bytes for exec `exec_id`'s standard input.
+    pub async fn send_exec_stdin(&self, exec_id: u32, data: &[u8]) -> Result<(), VmError> {
+        self.write_all(&vessel_protocol::encode_exec_data(
+            FrameKind::ExecStdin,
+            exec_id,
+            data,
+        ))
+        .await
+    }
+
     async fn write_all(&self, bytes: &[u8]) -> Result<(), VmError> {
         let mut w = self.write.lock().await;
         w.write_all(bytes)
@@ -150,6 +176,7 @@ impl AgentReader {
                     return Ok(Some(output));
                 }
                 Received::Msg(msg) => return Ok(Some(Incoming::Msg(msg))),
+                Received::Exec(out) => return Ok(Some(out)),
                 Received::Duplicate => {}
             }
         }
@@ -208,7 +235,19 @@ impl AgentReader {
             }
             FrameKind::Stdout => Incoming::Stdout,
             FrameKind::Stderr => Incoming::Stderr,
-            FrameKind::Stdin => return Err(VmError::Channel("agent sent a stdin frame".into())),
+            FrameKind::ExecStdout | FrameKind::ExecStderr => {
+                let (exec_id, data) = vessel_protocol::split_exec_data(&frame.payload)
+                    .ok_or_else(|| VmError::Channel("exec frame without exec id".into()))?;
+                let data = data.to_vec();
+                return Ok(Received::Exec(if frame.kind == FrameKind::ExecStdout {
+                    Incoming::ExecStdout { exec_id, data }
+                } else {
+                    Incoming::ExecStderr { exec_id, data }
+                }));
+            }
+            FrameKind::Stdin | FrameKind::ExecStdin => {
+                return Err(VmError::Channel("agent sent a stdin frame".into()))
+            }
         };
         let (seq, data) = split_output(&frame.payload).map_err(chan)?;
         if seq <= self.seen {
@@ -292,6 +331,8 @@ impl AgentReader {
                     )))
                 }
                 Received::Duplicate => {}
+                // Exec sessions do not outlive a connection.
+                Received::Exec(_) => {}
             }
         }
     }
@@ -389,7 +430,7 @@ mod tests {
             got.push(match incoming {
                 Incoming::Stdout(d) => ("out", d),
                 Incoming::Stderr(d) => ("err", d),
-                Incoming::Msg(m) => panic!("unexpected {m:?}"),
+                other => panic!("unexpected {other:?}"),
             });
         }
         assert_eq!(
