@@ -4,6 +4,7 @@ Debian's docker.io is installed, dockerd + runc, side by side in one run.
 
 Prints medians and the ratio Vessel / dockerd+runc for
   * `docker run --rm busybox true` (runs alternate: Vessel, dockerd, Vessel, ...)
+  * `docker run -d busybox sleep 1000` followed by `docker exec ... true`
   * host memory per idle container (PSS of everything the container costs on
     the host: its QEMU process for Vessel; the shim and the container's
     processes for dockerd)
@@ -156,6 +157,23 @@ def main():
             print(f"  ratio Vessel / dockerd   {vm / dm:7.2f}")
         print(f"  Vessel (cold boot)       {med(runs['vessel-cold']) * 1000:7.0f} ms   ({len(runs['vessel-cold'])} runs)")
         print(f"  clone speed-up over cold {med(runs['vessel-cold']) / vm:7.1f}x")
+
+        print(f"== docker run -d busybox sleep 1000, then docker exec ... true ({a.runs} runs each; medians)")
+        execs = {}
+        for e in [v] + ([d] if d else []):
+            both, only = [], []
+            for _ in range(a.runs):
+                t0 = time.monotonic()
+                cid = e.docker("run", "-d", *(net if e is d else []), "busybox", "sleep", "1000").stdout.strip()
+                t1 = time.monotonic()
+                e.docker("exec", cid, "true")
+                both.append(time.monotonic() - t0)
+                only.append(time.monotonic() - t1)
+                e.docker("rm", "-f", cid)
+            execs[e.name] = med(only)
+            print(f"  {e.name:<8} run -d + exec {med(both) * 1000:6.0f} ms; exec alone {med(only) * 1000:5.0f} ms")
+        if d:
+            print(f"  ratio Vessel / dockerd (exec alone) {execs['vessel'] / execs['dockerd']:5.2f}")
 
         print(f"== {a.idle} idle containers started in a row (docker run -d busybox sleep 100000)")
         for e in [v] + ([d] if d else []):

@@ -334,7 +334,8 @@ impl Engine {
             // Bump the leading format number whenever the VM's device layout
             // or the way templates are made changes.
             let generation = format!(
-                "format=1|kernel={}:{}:{:?}|initrd={}|{}",
+                "format=1|cmdline={}|kernel={}:{}:{:?}|initrd={}|{}",
+                vessel_vm::qemu::KERNEL_CMDLINE,
                 cfg.kernel.display(),
                 kmeta.len(),
                 kmeta.modified().ok(),
