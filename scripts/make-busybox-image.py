@@ -6,6 +6,7 @@ registry.  Usage: make-busybox-image.py OUT.tar [TAG ...] (default busybox:lates
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -16,7 +17,8 @@ BUSYBOX = "/bin/busybox"
 
 def layer_tar() -> bytes:
     buf = io.BytesIO()
-    now = int(time.time())
+    # Deterministic: the same busybox gives the same image id every time.
+    now = int(os.stat(BUSYBOX).st_mtime)
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         def add_dir(name, mode=0o755):
             ti = tarfile.TarInfo(name)
@@ -56,7 +58,7 @@ def main() -> None:
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.stat(BUSYBOX).st_mtime)),
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "Cmd": ["sh"],
