@@ -61,6 +61,17 @@ impl Templates {
             let f = std::fs::File::create(&inputs.placeholder_image)?;
             f.set_len(PLACEHOLDER_IMAGE_GIB << 30)?;
         }
+        // A template build cut short (the daemon died mid-build) leaves its
+        // VM running: end it.
+        for e in std::fs::read_dir(&inputs.run_root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(key) = name.strip_prefix("t-") {
+                if let Some(pid) = vessel_vm::qemu::read_pid(&e.path()) {
+                    vessel_vm::kill_vm(pid, &format!("template-{key}"));
+                }
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         let mut states = HashMap::new();
         for e in std::fs::read_dir(&inputs.root)?.flatten() {
             let dir = e.path();
