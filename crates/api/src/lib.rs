@@ -144,6 +144,10 @@ pub fn service(engine: Engine) -> Router {
         .route("/images/{*rest}", any(images_dispatch))
         .route("/containers/json", get(containers_list))
         .route("/containers/create", post(container_create))
+        .route("/containers/prune", post(containers_prune))
+        .route("/containers/{id}/rename", post(container_rename))
+        .route("/containers/{id}/pause", post(container_pause))
+        .route("/containers/{id}/unpause", post(container_unpause))
         .route("/containers/{id}/json", get(container_inspect))
         .route("/containers/{id}/start", post(container_start))
         .route("/containers/{id}/stop", post(container_stop))
@@ -560,9 +564,35 @@ async fn images_create(State(s): State<AppState>, req: Request) -> ApiResult<Res
 
 // ------------------------------------------------------------ containers
 
-async fn containers_list(State(s): State<AppState>, req: Request) -> Response {
+/// Docker's `filters` query parameter: `{"key":["v1","v2"]}`, or the older
+/// `{"key":{"v1":true}}`.
+fn parse_filters(q: &Query) -> ApiResult<HashMap<String, Vec<String>>> {
+    let Some(raw) = q.get("filters").filter(|f| !f.is_empty()) else {
+        return Ok(HashMap::new());
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| ApiError::bad(format!("invalid filter: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::bad("invalid filter: not an object"))?;
+    let mut out = HashMap::new();
+    for (k, vals) in obj {
+        let list: Vec<String> = match vals {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            _ => return Err(ApiError::bad(format!("invalid filter '{k}'"))),
+        };
+        out.insert(k.clone(), list);
+    }
+    Ok(out)
+}
+
+async fn containers_list(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
     let q = Query::of(req.uri());
-    let mut list = s.engine.list(q.flag("all"));
+    let mut list = s.engine.list(q.flag("all"), &parse_filters(&q)?)?;
     if let Some(n) = q
         .get("limit")
         .and_then(|l| l.parse::<i64>().ok())
@@ -570,7 +600,47 @@ async fn containers_list(State(s): State<AppState>, req: Request) -> Response {
     {
         list.truncate(n as usize);
     }
-    axum::Json(list).into_response()
+    Ok(axum::Json(list).into_response())
+}
+
+async fn containers_prune(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    if !parse_filters(&q)?.is_empty() {
+        return Err(ApiError::bad(
+            "container prune filters are not supported yet",
+        ));
+    }
+    let deleted = s.engine.prune().await;
+    Ok(
+        axum::Json(serde_json::json!({ "ContainersDeleted": deleted, "SpaceReclaimed": 0 }))
+            .into_response(),
+    )
+}
+
+async fn container_rename(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let q = Query::of(req.uri());
+    s.engine.rename(&id, q.get("name").unwrap_or("")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn container_pause(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.engine.pause(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn container_unpause(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.engine.unpause(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn container_create(State(s): State<AppState>, req: Request) -> ApiResult<Response> {

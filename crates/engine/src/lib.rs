@@ -482,16 +482,187 @@ impl Engine {
             .collect()
     }
 
-    /// `docker ps`.
-    pub fn list(&self, all: bool) -> Vec<ContainerSummary> {
-        let mut recs: Vec<ContainerRecord> = self
-            .handles()
-            .iter()
-            .map(|h| h.rec())
-            .filter(|r| all || r.running())
-            .collect();
+    /// `docker ps`, with Docker's filters (`status`, `name`, `id`, `label`,
+    /// `ancestor`, `exited`, `before`, `since`).
+    pub fn list(
+        &self,
+        all: bool,
+        filters: &HashMap<String, Vec<String>>,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        for key in filters.keys() {
+            if ![
+                "status", "name", "id", "label", "ancestor", "exited", "before", "since",
+            ]
+            .contains(&key.as_str())
+            {
+                return Err(EngineError::InvalidParameter(format!(
+                    "invalid filter '{key}'"
+                )));
+            }
+        }
+        let statuses = [
+            "created",
+            "restarting",
+            "running",
+            "removing",
+            "paused",
+            "exited",
+            "dead",
+        ];
+        for st in filters.get("status").into_iter().flatten() {
+            if !statuses.contains(&st.as_str()) {
+                return Err(EngineError::InvalidParameter(format!(
+                    "invalid filter 'status={st}'"
+                )));
+            }
+        }
+        let mut recs: Vec<ContainerRecord> = self.handles().iter().map(|h| h.rec()).collect();
         recs.sort_by(|a, b| b.created.cmp(&a.created));
-        recs.iter().map(|r| r.summary()).collect()
+        let created_of =
+            |name: &String| -> Result<String, EngineError> { Ok(self.lookup(name)?.rec().created) };
+        let before = filters
+            .get("before")
+            .and_then(|v| v.first())
+            .map(created_of)
+            .transpose()?;
+        let since = filters
+            .get("since")
+            .and_then(|v| v.first())
+            .map(created_of)
+            .transpose()?;
+        let any = |key: &str, f: &dyn Fn(&str) -> bool| {
+            filters.get(key).is_none_or(|vs| vs.iter().any(|v| f(v)))
+        };
+        let all = all || filters.contains_key("status") || filters.contains_key("exited");
+        Ok(recs
+            .iter()
+            .filter(|r| all || r.running())
+            .filter(|r| {
+                let state = if r.state.paused && r.running() {
+                    "paused"
+                } else {
+                    r.state.status.as_str()
+                };
+                any("status", &|v| v == state)
+                    && any("name", &|v| r.name.contains(v.trim_start_matches('/')))
+                    && any("id", &|v| r.id.starts_with(v))
+                    && any("exited", &|v| {
+                        r.state.status == Status::Exited && v.parse() == Ok(r.state.exit_code)
+                    })
+                    && any("ancestor", &|v| {
+                        r.image == v
+                            || r.image_id == v
+                            || r.image_id
+                                .trim_start_matches("sha256:")
+                                .starts_with(v.trim_start_matches("sha256:"))
+                            || format!("{}:latest", r.image) == v
+                    })
+                    && filters.get("label").is_none_or(|vs| {
+                        let labels = r.config.labels.clone().unwrap_or_default();
+                        vs.iter().all(|l| match l.split_once('=') {
+                            Some((k, val)) => labels.get(k).is_some_and(|x| x == val),
+                            None => labels.contains_key(l),
+                        })
+                    })
+                    && before.as_ref().is_none_or(|b| r.created < *b)
+                    && since.as_ref().is_none_or(|b| r.created > *b)
+            })
+            .map(|r| r.summary())
+            .collect())
+    }
+
+    /// `docker rename`.
+    pub async fn rename(&self, name_or_id: &str, new_name: &str) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let name = names::validate(new_name).map_err(EngineError::InvalidParameter)?;
+        let _guard = self.inner.create_lock.lock().await;
+        if let Some(other) = self.lookup_name(&name) {
+            if other == h.id {
+                return Err(EngineError::InvalidParameter(
+                    "Renaming a container with the same name as its current name".into(),
+                ));
+            }
+            return Err(EngineError::Conflict(format!(
+                "Conflict. The container name \"/{name}\" is already in use by container \"{other}\". You have to remove (or rename) that container to be able to reuse that name."
+            )));
+        }
+        let rec = h.update(|r| r.name = name.clone());
+        self.persist(&rec)
+    }
+
+    /// `docker container prune`: removes every container that is not running.
+    pub async fn prune(&self) -> Vec<String> {
+        let mut removed = vec![];
+        for h in self.handles() {
+            if !h.rec().running() && self.remove(&h.id, false).await.is_ok() {
+                removed.push(h.id.clone());
+            }
+        }
+        removed
+    }
+
+    async fn qmp(&self, id: &str, command: &'static str) -> Result<(), EngineError> {
+        let sock = self.run_dir(id).join(vessel_vm::qemu::QMP_SOCKET);
+        blocking(move || {
+            let mut q = vessel_vm::qmp::Qmp::connect(&sock, Duration::from_secs(5))?;
+            q.execute(command, serde_json::json!({})).map(|_| ())
+        })
+        .await?
+        .map_err(|e| internal(command, e))
+    }
+
+    /// `docker pause`: freezes the whole VM.
+    pub async fn pause(&self, name_or_id: &str) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let _op = h.op.lock().await;
+        let rec = h.rec();
+        if !rec.running() {
+            return Err(EngineError::Conflict(format!(
+                "Container {} is not running",
+                rec.id
+            )));
+        }
+        if rec.state.paused {
+            return Err(EngineError::Conflict(format!(
+                "Container {} is already paused",
+                rec.id
+            )));
+        }
+        let rec = h.update(|r| r.state.paused = true);
+        self.persist(&rec)?;
+        if let Err(e) = self.qmp(&rec.id, "stop").await {
+            let rec = h.update(|r| r.state.paused = false);
+            self.persist(&rec)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `docker unpause`.
+    pub async fn unpause(&self, name_or_id: &str) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let _op = h.op.lock().await;
+        let rec = h.rec();
+        if !rec.running() || !rec.state.paused {
+            return Err(EngineError::Conflict(format!(
+                "Container {} is not paused",
+                rec.id
+            )));
+        }
+        self.qmp(&rec.id, "cont").await?;
+        let rec = h.update(|r| r.state.paused = false);
+        self.persist(&rec)
+    }
+
+    /// Thaws a paused VM before it is signalled or killed.
+    async fn thaw(&self, h: &Handle) {
+        if h.rec().state.paused {
+            if let Err(e) = self.qmp(&h.id, "cont").await {
+                warn!(id = %h.id, "unpausing before stop: {e}");
+            }
+            let rec = h.update(|r| r.state.paused = false);
+            let _ = self.persist(&rec);
+        }
     }
 
     /// `docker inspect`.
@@ -583,6 +754,7 @@ impl Engine {
                 oom_killed: false,
                 started_at: None,
                 finished_at: None,
+                paused: false,
             },
             vm: shape,
             restart_count: 0,
@@ -786,6 +958,7 @@ impl Engine {
                 oom_killed: false,
                 started_at: Some(now_rfc3339()),
                 finished_at: r.state.finished_at.clone(),
+                paused: false,
             };
         });
         self.persist(&rec)?;
@@ -1012,6 +1185,7 @@ impl Engine {
         let rec = h.update(|r| {
             r.state.status = Status::Exited;
             r.state.pid = None;
+            r.state.paused = false;
             r.state.exit_code = code;
             r.state.oom_killed = oom;
             r.state.error = error;
@@ -1087,6 +1261,7 @@ impl Engine {
                 h.id
             )));
         }
+        self.thaw(&h).await;
         self.signal(&h, sig).await
     }
 
@@ -1120,6 +1295,7 @@ impl Engine {
         let sig = signal::parse(&sig_name)
             .ok_or_else(|| EngineError::InvalidParameter(format!("Invalid signal: {sig_name}")))?;
         let t = timeout.or(rec.config.stop_timeout).unwrap_or(10);
+        self.thaw(&h).await;
         let exits0 = h.status.borrow().exits;
         let _ = self.signal(&h, sig).await;
         let grace = if t < 0 {
@@ -1164,6 +1340,7 @@ impl Engine {
                     rec.name
                 )));
             }
+            self.thaw(&h).await;
             let exits0 = h.status.borrow().exits;
             let _ = self.signal(&h, libc::SIGKILL).await;
             if !self
@@ -1380,6 +1557,12 @@ impl Engine {
         if !h.rec().running() {
             return Err(EngineError::Conflict(format!(
                 "container {} is not running",
+                h.id
+            )));
+        }
+        if h.rec().state.paused {
+            return Err(EngineError::Conflict(format!(
+                "Container {} is paused, unpause the container before exec",
                 h.id
             )));
         }

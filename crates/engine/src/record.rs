@@ -55,6 +55,9 @@ pub struct StateRecord {
     pub started_at: Option<String>,
     /// RFC 3339 end time of the last run, if any.
     pub finished_at: Option<String>,
+    /// The VM is frozen (`docker pause`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// How the container's VM is shaped.
@@ -113,6 +116,9 @@ impl ContainerRecord {
     /// Docker's `Status` column text: `Up 3 seconds`, `Exited (0) 2 minutes ago`, `Created`.
     pub fn status_text(&self) -> String {
         match self.state.status {
+            Status::Running if self.state.paused => {
+                format!("Up {} (Paused)", since(self.state.started_at.as_deref()))
+            }
             Status::Running => format!("Up {}", since(self.state.started_at.as_deref())),
             Status::Exited => format!(
                 "Exited ({}) {} ago",
@@ -130,6 +136,7 @@ impl ContainerRecord {
         let s = &self.state;
         let status = match s.status {
             Status::Created => ContainerStateStatusEnum::CREATED,
+            Status::Running if s.paused => ContainerStateStatusEnum::PAUSED,
             Status::Running => ContainerStateStatusEnum::RUNNING,
             Status::Exited => ContainerStateStatusEnum::EXITED,
             Status::Removing => ContainerStateStatusEnum::REMOVING,
@@ -143,7 +150,7 @@ impl ContainerRecord {
             state: Some(ContainerState {
                 status: Some(status),
                 running: Some(self.running()),
-                paused: Some(false),
+                paused: Some(s.paused),
                 restarting: Some(false),
                 oom_killed: Some(s.oom_killed),
                 dead: Some(s.status == Status::Dead),
@@ -190,6 +197,7 @@ impl ContainerRecord {
     pub fn summary(&self) -> ContainerSummary {
         let state = match self.state.status {
             Status::Created => ContainerSummaryStateEnum::CREATED,
+            Status::Running if self.state.paused => ContainerSummaryStateEnum::PAUSED,
             Status::Running => ContainerSummaryStateEnum::RUNNING,
             Status::Exited => ContainerSummaryStateEnum::EXITED,
             Status::Removing => ContainerSummaryStateEnum::REMOVING,

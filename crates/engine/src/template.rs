@@ -63,7 +63,11 @@ impl Templates {
         }
         // A template build cut short (the daemon died mid-build) leaves its
         // VM running: end it.
-        for e in std::fs::read_dir(&inputs.run_root).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(&inputs.run_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().to_string();
             if let Some(key) = name.strip_prefix("t-") {
                 if let Some(pid) = vessel_vm::qemu::read_pid(&e.path()) {

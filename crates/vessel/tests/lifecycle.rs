@@ -1,0 +1,136 @@
+//! Lifecycle commands beyond run/stop: pause, rename, ps filters, prune.
+
+mod common;
+
+use common::{eventually, stderr, Daemon};
+
+#[test]
+fn pause_freezes_the_vm_and_unpause_resumes_it() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "ticker",
+        "busybox",
+        "sh",
+        "-c",
+        "i=0; while true; do echo $i; i=$((i+1)); sleep 0.2; done",
+    ]);
+    assert!(eventually(30, || d.ok(&["logs", "ticker"]).lines().count() >= 2));
+    d.ok(&["pause", "ticker"]);
+    assert_eq!(
+        d.ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.Paused}} {{.State.Running}}",
+            "ticker"
+        ])
+        .trim(),
+        "paused true true"
+    );
+    assert!(d
+        .ok(&["ps", "--format", "{{.Status}}"])
+        .contains("(Paused)"));
+    let frozen = d.ok(&["logs", "ticker"]).lines().count();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        d.ok(&["logs", "ticker"]).lines().count(),
+        frozen,
+        "a paused VM kept running"
+    );
+    let out = d.docker(&["pause", "ticker"]);
+    assert!(stderr(&out).contains("already paused"), "{}", stderr(&out));
+    let out = d.docker(&["exec", "ticker", "true"]);
+    assert!(stderr(&out).contains("is paused"), "{}", stderr(&out));
+    assert_eq!(
+        d.ok(&["ps", "-q", "--filter", "status=paused"])
+            .lines()
+            .count(),
+        1
+    );
+    d.ok(&["unpause", "ticker"]);
+    assert!(
+        eventually(20, || d.ok(&["logs", "ticker"]).lines().count()
+            > frozen + 2),
+        "unpause did not resume"
+    );
+    let out = d.docker(&["unpause", "ticker"]);
+    assert!(stderr(&out).contains("is not paused"), "{}", stderr(&out));
+    // Stopping a paused container works.
+    d.ok(&["pause", "ticker"]);
+    d.ok(&["stop", "ticker"]);
+    assert_eq!(
+        d.ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.Paused}}",
+            "ticker"
+        ])
+        .trim(),
+        "exited false"
+    );
+}
+
+#[test]
+fn rename_ps_filters_and_prune() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&[
+        "run", "--name", "ok0", "--label", "team=a", "busybox", "true",
+    ]);
+    let out = d.docker(&[
+        "run", "--name", "bad3", "--label", "team=b", "busybox", "sh", "-c", "exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    d.ok(&["create", "--name", "fresh", "busybox", "true"]);
+    d.ok(&["run", "-d", "--name", "live", "busybox", "sleep", "1000"]);
+
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = d
+            .ok(&[&["ps", "--format", "{{.Names}}"], args].concat())
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&[]), vec!["live"]);
+    assert_eq!(names(&["-a"]).len(), 4);
+    assert_eq!(names(&["--filter", "status=exited"]), vec!["bad3", "ok0"]);
+    assert_eq!(names(&["--filter", "exited=3"]), vec!["bad3"]);
+    assert_eq!(names(&["--filter", "status=created"]), vec!["fresh"]);
+    assert_eq!(names(&["-a", "--filter", "label=team=a"]), vec!["ok0"]);
+    assert_eq!(
+        names(&["-a", "--filter", "label=team"]),
+        vec!["bad3", "ok0"]
+    );
+    assert_eq!(names(&["-a", "--filter", "name=ok"]), vec!["ok0"]);
+    assert_eq!(names(&["-a", "--filter", "ancestor=busybox"]).len(), 4);
+    assert_eq!(
+        names(&["-a", "--filter", "since=bad3"]),
+        vec!["fresh", "live"]
+    );
+    assert_eq!(names(&["-a", "--filter", "before=bad3"]), vec!["ok0"]);
+    let out = d.docker(&["ps", "--filter", "nonsense=1"]);
+    assert!(stderr(&out).contains("invalid filter"), "{}", stderr(&out));
+
+    d.ok(&["rename", "ok0", "renamed"]);
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.Name}}", "renamed"]).trim(),
+        "/renamed"
+    );
+    let out = d.docker(&["rename", "renamed", "live"]);
+    assert!(stderr(&out).contains("already in use"), "{}", stderr(&out));
+    let out = d.docker(&["rename", "renamed", "bad name"]);
+    assert!(
+        stderr(&out).contains("Invalid container name"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = d.ok(&["container", "prune", "-f"]);
+    assert!(out.contains("Deleted Containers"), "{out}");
+    assert_eq!(names(&["-a"]), vec!["live"]);
+}
