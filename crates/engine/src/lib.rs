@@ -654,6 +654,40 @@ impl Engine {
         self.persist(&rec)
     }
 
+    /// Starts a container again because its restart policy says so. Boxed:
+    /// it runs from the monitor that `start` spawns, a cycle the compiler
+    /// cannot see through otherwise.
+    fn restart_by_policy(
+        &self,
+        id: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let engine = self.clone();
+        Box::pin(async move { engine.restart_by_policy_inner(&id).await })
+    }
+
+    async fn restart_by_policy_inner(&self, id: &str) {
+        let Ok(h) = self.lookup(id) else { return };
+        let rec = h.rec();
+        if rec.running()
+            || rec.manually_stopped
+            || !matches!(rec.state.status, Status::Exited | Status::Created)
+        {
+            return;
+        }
+        let rec = h.update(|r| r.restart_count += 1);
+        if let Err(e) = self.persist(&rec) {
+            warn!(%id, "restart policy: {e}");
+            return;
+        }
+        info!(%id, restart_count = rec.restart_count, "restarting by policy");
+        let start: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), EngineError>> + Send + '_>,
+        > = Box::pin(self.start(id));
+        if let Err(e) = start.await {
+            warn!(%id, "restart by policy failed: {e}");
+        }
+    }
+
     /// Thaws a paused VM before it is signalled or killed.
     async fn thaw(&self, h: &Handle) {
         if h.rec().state.paused {
@@ -705,13 +739,22 @@ impl Engine {
             return Err(EngineError::InvalidParameter("no command specified".into()));
         }
         if let Some(rp) = &host_config.restart_policy {
-            if let Some(n) = &rp.name {
-                let name = n.to_string();
-                if !["", "no"].contains(&name.as_str()) && host_config.auto_remove == Some(true) {
-                    return Err(EngineError::InvalidParameter(
-                        "can't create 'AutoRemove' container with restart policy".into(),
-                    ));
-                }
+            let name = rp.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
+            let max = rp.maximum_retry_count.unwrap_or(0);
+            if !["", "no"].contains(&name.as_str()) && host_config.auto_remove == Some(true) {
+                return Err(EngineError::InvalidParameter(
+                    "can't create 'AutoRemove' container with restart policy".into(),
+                ));
+            }
+            if max < 0 {
+                return Err(EngineError::InvalidParameter(
+                    "invalid restart policy: maximum retry count cannot be negative".into(),
+                ));
+            }
+            if max > 0 && name != "on-failure" {
+                return Err(EngineError::InvalidParameter(
+                    "invalid restart policy: maximum retry count can only be used with 'on-failure'".into(),
+                ));
             }
         }
         let _guard = self.inner.create_lock.lock().await;
@@ -758,6 +801,7 @@ impl Engine {
             },
             vm: shape,
             restart_count: 0,
+            manually_stopped: false,
         };
         let dir = self.container_dir(&id);
         std::fs::create_dir_all(&dir)
@@ -826,6 +870,10 @@ impl Engine {
     /// `POST /containers/{id}/start`.
     pub async fn start(&self, name_or_id: &str) -> Result<(), EngineError> {
         let h = self.lookup(name_or_id)?;
+        if h.rec().manually_stopped {
+            let rec = h.update(|r| r.manually_stopped = false);
+            self.persist(&rec)?;
+        }
         let result = {
             let _op = h.op.lock().await;
             self.start_locked(&h).await
@@ -1204,6 +1252,15 @@ impl Engine {
             w.exits += 1;
             w.exit_code = code;
         });
+        if rec.should_restart(code) {
+            let delay = Duration::from_millis(100u64 << rec.restart_count.clamp(0, 9));
+            let engine = self.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                engine.restart_by_policy(id).await;
+            });
+        }
         if rec.host_config.auto_remove == Some(true) {
             if let Err(e) = self.remove(&id, true).await {
                 if !matches!(e, EngineError::NotFound(_)) {
@@ -1261,6 +1318,8 @@ impl Engine {
                 h.id
             )));
         }
+        let rec = h.update(|r| r.manually_stopped = true);
+        self.persist(&rec)?;
         self.thaw(&h).await;
         self.signal(&h, sig).await
     }
@@ -1295,6 +1354,8 @@ impl Engine {
         let sig = signal::parse(&sig_name)
             .ok_or_else(|| EngineError::InvalidParameter(format!("Invalid signal: {sig_name}")))?;
         let t = timeout.or(rec.config.stop_timeout).unwrap_or(10);
+        let rec = h.update(|r| r.manually_stopped = true);
+        self.persist(&rec)?;
         self.thaw(&h).await;
         let exits0 = h.status.borrow().exits;
         let _ = self.signal(&h, sig).await;
@@ -1738,6 +1799,23 @@ impl Engine {
                         vessel_vm::kill_vm(pid, &rec.id);
                     }
                 }
+            }
+        }
+        // Restart policies at daemon start: `always` even after a manual
+        // stop, `unless-stopped` unless the user stopped it.
+        for h in self.handles() {
+            let rec = h.rec();
+            let (policy, _) = rec.restart_policy();
+            let wanted =
+                policy == "always" || (policy == "unless-stopped" && !rec.manually_stopped);
+            if wanted && !rec.running() && rec.state.status == Status::Exited {
+                let engine = self.clone();
+                let id = rec.id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = engine.start(&id).await {
+                        warn!(%id, "restart policy at daemon start: {e}");
+                    }
+                });
             }
         }
         // Container directories without a record are leftovers of a create

@@ -96,6 +96,35 @@ pub struct ContainerRecord {
     pub vm: VmShape,
     /// Times the container was restarted by a policy.
     pub restart_count: i64,
+    /// The user stopped it (`docker stop`/`kill`): restart policies other
+    /// than `always`-at-daemon-start leave it alone.
+    #[serde(default)]
+    pub manually_stopped: bool,
+}
+
+impl ContainerRecord {
+    /// The restart policy's name (`no`, `always`, `unless-stopped`, `on-failure`).
+    pub fn restart_policy(&self) -> (String, i64) {
+        match &self.host_config.restart_policy {
+            Some(rp) => (
+                rp.name.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+                rp.maximum_retry_count.unwrap_or(0),
+            ),
+            None => (String::new(), 0),
+        }
+    }
+
+    /// Whether the policy restarts the container after it exited with `code`.
+    pub fn should_restart(&self, code: i64) -> bool {
+        let (name, max) = self.restart_policy();
+        match name.as_str() {
+            "always" | "unless-stopped" => !self.manually_stopped,
+            "on-failure" => {
+                !self.manually_stopped && code != 0 && (max <= 0 || self.restart_count < max)
+            }
+            _ => false,
+        }
+    }
 }
 
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
