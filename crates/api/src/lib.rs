@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use axum::Router;
 use bollard_stubs::models::{
-    ContainerCreateBody, ContainerCreateResponse, ContainerWaitResponse, ExecConfig,
+    ContainerCreateBody, ContainerCreateResponse, ContainerWaitResponse, EventMessage, ExecConfig,
     ExecStartConfig, ImageDeleteResponseItem, ImageInspect, ImageInspectRootFs, ImageSummary,
     Runtime, SystemInfo, SystemVersion, SystemVersionComponents, SystemVersionPlatform,
 };
@@ -30,7 +30,7 @@ use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
-use vessel_engine::{Engine, EngineError, LogsOptions, Output, WaitCondition};
+use vessel_engine::{Engine, EngineError, EventType, LogsOptions, Output, WaitCondition};
 
 use crate::stream::{frame, StreamId, MULTIPLEXED, RAW};
 use crate::version::{split, Versioned};
@@ -138,6 +138,7 @@ pub fn service(engine: Engine) -> Router {
         .route("/_ping", get(ping).head(ping))
         .route("/version", get(version))
         .route("/info", get(info))
+        .route("/events", get(events))
         .route("/images/json", get(images_list))
         .route("/images/load", post(images_load))
         .route("/images/create", post(images_create))
@@ -361,6 +362,124 @@ fn host_resources() -> (i64, i64) {
     (mem, cpus)
 }
 
+// ---------------------------------------------------------------- events
+
+fn image_event(engine: &Engine, action: &str, name: &str) {
+    let mut attrs = HashMap::new();
+    attrs.insert("name".to_string(), name.to_string());
+    engine.events().emit(EventType::IMAGE, action, name, attrs);
+}
+
+/// Docker's `since`/`until`: unix seconds, possibly fractional.
+fn event_time(q: &Query, key: &str) -> ApiResult<Option<f64>> {
+    match q.get(key).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<f64>()
+            .map(Some)
+            .map_err(|_| ApiError::bad(format!("invalid value for {key}: {v}"))),
+    }
+}
+
+fn event_matches(e: &EventMessage, filters: &HashMap<String, Vec<String>>) -> bool {
+    let actor = e.actor.clone().unwrap_or_default();
+    let id = actor.id.unwrap_or_default();
+    let attrs = actor.attributes.unwrap_or_default();
+    let typ = e.typ.map(|t| t.to_string()).unwrap_or_default();
+    let action = e.action.clone().unwrap_or_default();
+    filters.iter().all(|(k, vals)| {
+        vals.iter().any(|v| match k.as_str() {
+            "type" => typ == *v,
+            "event" => action == *v || action.split(':').next() == Some(v.as_str()),
+            "container" => {
+                typ == "container" && (id.starts_with(v.as_str()) || attrs.get("name") == Some(v))
+            }
+            "image" => {
+                attrs.get("image") == Some(v)
+                    || (typ == "image" && (id == *v || attrs.get("name") == Some(v)))
+            }
+            "label" => match v.split_once('=') {
+                Some((lk, lv)) => attrs.get(lk).is_some_and(|x| x == lv),
+                None => attrs.contains_key(v),
+            },
+            _ => false,
+        })
+    })
+}
+
+fn event_seconds(e: &EventMessage) -> f64 {
+    e.time_nano.unwrap_or(0) as f64 / 1e9
+}
+
+fn event_line(e: &EventMessage) -> Bytes {
+    let mut v = serde_json::to_vec(e).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// `GET /events`: kept events from `since`, then live ones until `until`.
+async fn events(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let filters = parse_filters(&q)?;
+    for k in filters.keys() {
+        if !["type", "event", "container", "image", "label"].contains(&k.as_str()) {
+            return Err(ApiError::bad(format!("invalid filter '{k}'")));
+        }
+    }
+    let since = event_time(&q, "since")?;
+    let until = event_time(&q, "until")?;
+    let (history, mut rx) = s.engine.events().subscribe();
+    let (tx, out) = tokio::sync::mpsc::channel::<Bytes>(256);
+    tokio::spawn(async move {
+        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0) as f64 / 1e9;
+        if let Some(since) = since {
+            let old = history.iter().filter(|e| {
+                event_seconds(e) >= since
+                    && until.is_none_or(|u| event_seconds(e) <= u)
+                    && event_matches(e, &filters)
+            });
+            for e in old {
+                if tx.send(event_line(e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if until.is_some_and(|u| u <= now) {
+            return;
+        }
+        let deadline = until.map(|u| {
+            tokio::time::Instant::now() + std::time::Duration::from_secs_f64((u - now).max(0.0))
+        });
+        loop {
+            let next = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, rx.recv()).await.ok(),
+                    None => Some(rx.recv().await),
+                }
+            };
+            tokio::select! {
+                r = next => match r {
+                    None => return,
+                    Some(Ok(e)) => {
+                        if event_matches(&e, &filters) && tx.send(event_line(&e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                    Some(Err(_)) => return,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let body = tokio_stream_from(out).map(Ok::<_, std::io::Error>);
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
 // ---------------------------------------------------------------- images
 
 fn rfc3339_to_unix(t: &str) -> i64 {
@@ -469,9 +588,11 @@ async fn image_tag(s: &AppState, name: &str, q: &Query) -> ApiResult<Response> {
     };
     let images = s.engine.images();
     let n = name.to_string();
-    tokio::task::spawn_blocking(move || images.tag(&n, &target))
+    let t = target.clone();
+    tokio::task::spawn_blocking(move || images.tag(&n, &t))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    image_event(&s.engine, "tag", &target);
     Ok(StatusCode::CREATED.into_response())
 }
 
@@ -487,13 +608,19 @@ async fn image_remove(s: &AppState, name: &str, q: &Query) -> ApiResult<Response
     let out: Vec<ImageDeleteResponseItem> = items
         .into_iter()
         .map(|i| match i {
-            vessel_image::DeleteItem::Untagged(t) => ImageDeleteResponseItem {
-                untagged: Some(t),
-                deleted: None,
-            },
+            vessel_image::DeleteItem::Untagged(t) => {
+                image_event(&s.engine, "untag", &t);
+                ImageDeleteResponseItem {
+                    untagged: Some(t),
+                    deleted: None,
+                }
+            }
             vessel_image::DeleteItem::Deleted(d) => ImageDeleteResponseItem {
                 untagged: None,
-                deleted: Some(d),
+                deleted: Some({
+                    image_event(&s.engine, "delete", &d);
+                    d
+                }),
             },
         })
         .collect();
@@ -523,6 +650,10 @@ async fn images_load(State(s): State<AppState>, req: Request) -> ApiResult<Respo
     let lines = tokio::task::spawn_blocking(move || images.load(reader))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    for l in &lines {
+        let name = l.rsplit(": ").next().unwrap_or(l).to_string();
+        image_event(&s.engine, "load", &name);
+    }
     Ok(json_lines(
         lines
             .into_iter()
@@ -559,6 +690,7 @@ async fn images_create(State(s): State<AppState>, req: Request) -> ApiResult<Res
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    image_event(&s.engine, "import", &id);
     Ok(json_lines(vec![serde_json::json!({ "status": id })]))
 }
 

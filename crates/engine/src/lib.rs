@@ -10,6 +10,7 @@
 //! It must not speak HTTP or know about the Docker API's wire formats beyond
 //! the model types it returns: that is the API layer's job.
 
+mod events;
 mod exec;
 mod logs;
 mod names;
@@ -36,6 +37,8 @@ use vessel_store::Store;
 use vessel_vm::channel::{connect, AgentReader, AgentWriter, Incoming, Transport};
 use vessel_vm::{Accel, Boot, Hypervisor, ProbeResult, Qemu, VmSpec};
 
+pub use bollard_stubs::models::EventMessageTypeEnum as EventType;
+pub use events::Events;
 pub use exec::{ExecHandle, ExecState};
 pub use logs::LogEntry;
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
@@ -263,6 +266,7 @@ struct Inner {
     guest_kernel: String,
     templates: Option<Arc<template::Templates>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
+    events: Events,
     next_exec: std::sync::atomic::AtomicU32,
     containers: Mutex<HashMap<String, Arc<Handle>>>,
     create_lock: tokio::sync::Mutex<()>,
@@ -369,6 +373,7 @@ impl Engine {
                 guest_kernel,
                 templates,
                 execs: Mutex::new(HashMap::new()),
+                events: Events::default(),
                 next_exec: std::sync::atomic::AtomicU32::new(0),
                 containers: Mutex::new(HashMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
@@ -406,6 +411,25 @@ impl Engine {
             data_root: self.inner.cfg.data_root.clone(),
             default_memory_mib: self.inner.cfg.default_memory_mib,
         }
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &Events {
+        &self.inner.events
+    }
+
+    /// Publishes a container event with Docker's attributes (name, image,
+    /// labels) plus `extra`.
+    fn container_event(&self, rec: &ContainerRecord, action: &str, extra: &[(&str, String)]) {
+        let mut attrs: HashMap<String, String> = rec.config.labels.clone().unwrap_or_default();
+        attrs.insert("name".into(), rec.name.clone());
+        attrs.insert("image".into(), rec.image.clone());
+        for (k, v) in extra {
+            attrs.insert((*k).to_string(), v.clone());
+        }
+        self.inner
+            .events
+            .emit(EventType::CONTAINER, action, &rec.id, attrs);
     }
 
     fn handles(&self) -> Vec<Arc<Handle>> {
@@ -586,8 +610,11 @@ impl Engine {
                 "Conflict. The container name \"/{name}\" is already in use by container \"{other}\". You have to remove (or rename) that container to be able to reuse that name."
             )));
         }
+        let old = h.rec().name;
         let rec = h.update(|r| r.name = name.clone());
-        self.persist(&rec)
+        self.persist(&rec)?;
+        self.container_event(&rec, "rename", &[("oldName", format!("/{old}"))]);
+        Ok(())
     }
 
     /// `docker container prune`: removes every container that is not running.
@@ -635,6 +662,7 @@ impl Engine {
             self.persist(&rec)?;
             return Err(e);
         }
+        self.container_event(&rec, "pause", &[]);
         Ok(())
     }
 
@@ -651,6 +679,7 @@ impl Engine {
         }
         self.qmp(&rec.id, "cont").await?;
         let rec = h.update(|r| r.state.paused = false);
+        self.container_event(&rec, "unpause", &[]);
         self.persist(&rec)
     }
 
@@ -814,6 +843,7 @@ impl Engine {
             return Err(e);
         }
         info!(id = %id, name = %rec.name, image = %rec.image, create_ms = created_at.elapsed().as_millis() as u64, "container created");
+        self.container_event(&rec, "create", &[]);
         self.inner
             .containers
             .lock()
@@ -1022,6 +1052,7 @@ impl Engine {
             total_ms = started.elapsed().as_millis() as u64,
             "container started"
         );
+        self.container_event(&rec, "start", &[]);
         tokio::spawn(self.clone().monitor(h.clone(), reader, pid, None));
         Ok(())
     }
@@ -1245,6 +1276,7 @@ impl Engine {
         for e in self.execs_of(&id) {
             e.finish(137, Some(format!("container {id} stopped")));
         }
+        self.container_event(&rec, "die", &[("exitCode", code.to_string())]);
         let _ = h.output.send(Output::End);
         h.log_version.send_modify(|v| *v += 1);
         h.status.send_modify(|w| {
@@ -1321,6 +1353,7 @@ impl Engine {
         let rec = h.update(|r| r.manually_stopped = true);
         self.persist(&rec)?;
         self.thaw(&h).await;
+        self.container_event(&rec, "kill", &[("signal", sig.to_string())]);
         self.signal(&h, sig).await
     }
 
@@ -1336,6 +1369,18 @@ impl Engine {
     /// `docker stop`: the stop signal, then SIGKILL after `timeout` seconds,
     /// then the VM itself.
     pub async fn stop(
+        &self,
+        name_or_id: &str,
+        timeout: Option<i64>,
+        signal: Option<&str>,
+    ) -> Result<(), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        self.stop_inner(name_or_id, timeout, signal).await?;
+        self.container_event(&h.rec(), "stop", &[]);
+        Ok(())
+    }
+
+    async fn stop_inner(
         &self,
         name_or_id: &str,
         timeout: Option<i64>,
@@ -1435,6 +1480,7 @@ impl Engine {
         if let Ok(mut execs) = self.inner.execs.lock() {
             execs.retain(|_, e| e.container_id != rec.id);
         }
+        self.container_event(&rec, "destroy", &[]);
         info!(id = %rec.id, "container removed");
         Ok(())
     }

@@ -134,3 +134,67 @@ fn rename_ps_filters_and_prune() {
     assert!(out.contains("Deleted Containers"), "{out}");
     assert_eq!(names(&["-a"]), vec!["live"]);
 }
+
+#[test]
+fn events_history_and_live_stream() {
+    let d = Daemon::start();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs()
+        - 1;
+    d.load_busybox(&["busybox:latest"]);
+    let mut live = d
+        .docker_cmd(&[
+            "events",
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=start",
+            "--format",
+            "{{.Action}} {{.Actor.Attributes.name}}",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("docker events");
+    d.ok(&["run", "--rm", "--name", "evt", "busybox", "true"]);
+    let mut buf = [0u8; 64];
+    let n =
+        std::io::Read::read(live.stdout.as_mut().expect("stdout"), &mut buf).expect("read events");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), "start evt\n");
+    let _ = live.kill();
+    let _ = live.wait();
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs()
+        + 1;
+    let out = d.ok(&[
+        "events",
+        "--since",
+        &t0.to_string(),
+        "--until",
+        &until.to_string(),
+        "--format",
+        "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"image load busybox:latest"), "{out}");
+    let evt: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.ends_with(" evt"))
+        .collect();
+    assert_eq!(
+        evt,
+        vec![
+            "container create evt",
+            "container start evt",
+            "container die evt",
+            "container destroy evt"
+        ],
+        "{out}"
+    );
+    let out = d.docker(&["events", "--filter", "bogus=1", "--until", "0"]);
+    assert!(stderr(&out).contains("invalid filter"), "{}", stderr(&out));
+}
