@@ -158,6 +158,7 @@ pub fn service(engine: Engine) -> Router {
         .route("/containers/{id}/resize", post(container_resize))
         .route("/containers/{id}/attach", post(container_attach))
         .route("/containers/{id}/logs", get(container_logs))
+        .route("/containers/{id}/stats", get(container_stats))
         .route("/containers/{id}", delete(container_remove))
         .route("/containers/{id}/exec", post(exec_create))
         .route("/exec/{id}/start", post(exec_start))
@@ -985,6 +986,31 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// `GET /containers/{id}/stats`: a JSON document per second (`stream=1`,
+/// the default) or one (`stream=0`, `one-shot=1`).
+async fn container_stats(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let stream = q
+        .get("stream")
+        .is_none_or(|v| !matches!(v, "0" | "false" | "False"))
+        && !q.flag("one-shot");
+    let rx = s.engine.stats(&id, stream)?;
+    let body = tokio_stream_from(rx).map(|doc| {
+        let mut v = serde_json::to_vec(&doc).unwrap_or_default();
+        v.push(b'\n');
+        Ok::<_, std::io::Error>(Bytes::from(v))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// Feeds a hijacked connection's input somewhere: `Some(bytes)` for data,

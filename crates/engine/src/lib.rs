@@ -16,6 +16,7 @@ mod logs;
 mod names;
 mod record;
 pub mod signal;
+mod stats;
 mod template;
 
 use std::collections::HashMap;
@@ -715,6 +716,50 @@ impl Engine {
         if let Err(e) = start.await {
             warn!(%id, "restart by policy failed: {e}");
         }
+    }
+
+    /// `docker stats`: one document per `interval` (the first compares with
+    /// a sample taken `interval` earlier), until the container stops or the
+    /// receiver goes away; a single document when `stream` is false.
+    pub fn stats(
+        &self,
+        name_or_id: &str,
+        stream: bool,
+    ) -> Result<
+        tokio::sync::mpsc::Receiver<bollard_stubs::models::ContainerStatsResponse>,
+        EngineError,
+    > {
+        let h = self.lookup(name_or_id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let interval = Duration::from_secs(1);
+            let mut pre = stats::Sample::default();
+            let mut first = true;
+            loop {
+                let rec = h.rec();
+                let limit = rec.vm.memory_mib * 1024 * 1024;
+                let now = match rec.state.pid.filter(|_| rec.running()) {
+                    Some(pid) => stats::sample(pid),
+                    None => stats::Sample {
+                        read: now_rfc3339(),
+                        ..Default::default()
+                    },
+                };
+                if first && rec.running() {
+                    first = false;
+                    pre = now;
+                    tokio::time::sleep(interval).await;
+                    continue;
+                }
+                let doc = stats::document(&rec.id, &rec.name, &pre, &now, limit);
+                if tx.send(doc).await.is_err() || !stream || !rec.running() {
+                    return;
+                }
+                pre = now;
+                tokio::time::sleep(interval).await;
+            }
+        });
+        Ok(rx)
     }
 
     /// Thaws a paused VM before it is signalled or killed.

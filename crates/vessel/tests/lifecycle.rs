@@ -198,3 +198,50 @@ fn events_history_and_live_stream() {
     let out = d.docker(&["events", "--filter", "bogus=1", "--until", "0"]);
     assert!(stderr(&out).contains("invalid filter"), "{}", stderr(&out));
 }
+
+#[test]
+fn stats_report_what_the_vm_costs() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "busy",
+        "-m",
+        "256m",
+        "busybox",
+        "sh",
+        "-c",
+        "while true; do :; done",
+    ]);
+    let out = d.ok(&[
+        "stats",
+        "--no-stream",
+        "--format",
+        "{{.Name}}|{{.CPUPerc}}|{{.MemUsage}}|{{.BlockIO}}",
+    ]);
+    let f: Vec<&str> = out.trim().split('|').collect();
+    assert_eq!(f[0], "busy", "{out}");
+    let cpu: f64 = f[1].trim_end_matches('%').parse().expect("cpu %");
+    assert!(cpu > 20.0, "a busy loop should show CPU use: {out}");
+    assert!(
+        f[2].ends_with("/ 256MiB") && !f[2].starts_with("0B"),
+        "{out}"
+    );
+    let (status, _, body) = d.http("GET", "/containers/busy/stats?stream=0", None);
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("stats json");
+    assert_eq!(doc["memory_stats"]["limit"], 256 * 1024 * 1024);
+    assert!(
+        doc["cpu_stats"]["cpu_usage"]["total_usage"]
+            .as_u64()
+            .unwrap_or(0)
+            > doc["precpu_stats"]["cpu_usage"]["total_usage"]
+                .as_u64()
+                .unwrap_or(0)
+    );
+    let (status, _, _) = d.http("GET", "/containers/nope/stats?stream=0", None);
+    assert_eq!(status, 404);
+    d.ok(&["rm", "-f", "busy"]);
+}
