@@ -805,6 +805,7 @@ impl Engine {
         let lookup_name = image_name.clone();
         let image = blocking(move || images.resolve(&lookup_name)).await??;
         let host_config = body.host_config.clone().unwrap_or_default();
+        log_driver(&host_config)?;
         let shape = self.shape(&host_config)?;
         let config = merge_config(&body, &image.config, &image_name);
         let mut argv = config.entrypoint.clone().unwrap_or_default();
@@ -1204,12 +1205,15 @@ impl Engine {
     ) {
         let id = h.id.clone();
         let run_started = std::time::Instant::now();
-        let mut log = match logs::LogWriter::open(&self.log_path(&id)) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                warn!(%id, "cannot open log file: {e}");
-                None
-            }
+        let mut log = match log_driver(&h.rec().host_config) {
+            Ok(Some(rotation)) => match logs::LogWriter::open(&self.log_path(&id), rotation) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!(%id, "cannot open log file: {e}");
+                    None
+                }
+            },
+            _ => None,
         };
         // Output the agent replayed before reporting an earlier exit.
         while exited.is_some() && reader.queued() > 0 {
@@ -1625,6 +1629,11 @@ impl Engine {
         let h = self.lookup(name_or_id)?;
         let tty = h.rec().config.tty.unwrap_or(false);
         let path = self.log_path(&h.id);
+        let Some(rotation) = log_driver(&h.rec().host_config)? else {
+            return Err(EngineError::InvalidParameter(
+                "configured logging driver does not support reading".into(),
+            ));
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let mut version = h.log_version.subscribe();
         let mut status = h.status.subscribe();
@@ -1639,8 +1648,17 @@ impl Engine {
                 })
             };
             let p = path.clone();
-            let Ok(Ok((first, mut offset))) =
-                tokio::task::spawn_blocking(move || logs::read_from(&p, 0)).await
+            let Ok(Ok((first, mut offset))) = tokio::task::spawn_blocking(move || {
+                let mut all = vec![];
+                let mut offset = 0;
+                for f in logs::files(&p, rotation) {
+                    let (entries, off) = logs::read_from(&f, 0)?;
+                    all.extend(entries);
+                    offset = off;
+                }
+                Ok::<_, std::io::Error>((all, offset))
+            })
+            .await
             else {
                 return;
             };
@@ -1660,8 +1678,12 @@ impl Engine {
             loop {
                 let running = status.borrow_and_update().running;
                 let p = path.clone();
-                let Ok(Ok((more, off))) =
-                    tokio::task::spawn_blocking(move || logs::read_from(&p, offset)).await
+                let Ok(Ok((more, off))) = tokio::task::spawn_blocking(move || {
+                    // A rotation started a new file: read it from its start.
+                    let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                    logs::read_from(&p, if len < offset { 0 } else { offset })
+                })
+                .await
                 else {
                     return;
                 };
@@ -1967,6 +1989,51 @@ impl Engine {
             w.running = false;
             w.exit_code = 255;
         });
+    }
+}
+
+/// The container's log driver: `Some(rotation)` for json-file (the
+/// default), `None` for `none`; anything else is refused.
+fn log_driver(hc: &HostConfig) -> Result<Option<logs::Rotation>, EngineError> {
+    let Some(lc) = &hc.log_config else {
+        return Ok(Some(logs::Rotation::default()));
+    };
+    let opts = lc.config.clone().unwrap_or_default();
+    match lc.typ.as_deref().unwrap_or("") {
+        "" | "json-file" => {
+            let max_size = match opts.get("max-size") {
+                None => None,
+                Some(v) if v == "-1" => None,
+                Some(v) => Some(logs::parse_size(v).ok_or_else(|| {
+                    EngineError::InvalidParameter(format!("invalid value for max-size: {v}"))
+                })?),
+            };
+            let max_file = match opts.get("max-file") {
+                None => 1,
+                Some(v) => v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    EngineError::InvalidParameter(format!("invalid value for max-file: {v}"))
+                })?,
+            };
+            if max_file > 1 && max_size.is_none() {
+                return Err(EngineError::InvalidParameter(
+                    "max-file cannot be set without max-size".into(),
+                ));
+            }
+            for k in opts.keys() {
+                if !["max-size", "max-file", "compress", "labels", "env", "tag"]
+                    .contains(&k.as_str())
+                {
+                    return Err(EngineError::InvalidParameter(format!(
+                        "unknown log opt '{k}' for json-file log driver"
+                    )));
+                }
+            }
+            Ok(Some(logs::Rotation { max_size, max_file }))
+        }
+        "none" => Ok(None),
+        other => Err(EngineError::InvalidParameter(format!(
+            "logger: no log driver named '{other}' is registered"
+        ))),
     }
 }
 

@@ -20,24 +20,106 @@ pub struct LogEntry {
     pub time: String,
 }
 
-/// Appends entries to a container's log file.
+/// The json-file driver's options (`--log-opt max-size=10m --log-opt max-file=3`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate when the file reaches this size; `None`: never.
+    pub max_size: Option<u64>,
+    /// Files kept, the current one included (at least 1).
+    pub max_file: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            max_size: None,
+            max_file: 1,
+        }
+    }
+}
+
+/// Parses Docker's size notation (`512`, `10k`, `20m`, `1g`).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('b').unwrap_or(&s);
+    let (num, mult) = match s.chars().last()? {
+        'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' => (&s[..s.len() - 1], 1 << 20),
+        'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num.parse().ok()?;
+    (n > 0.0).then_some((n * mult as f64) as u64)
+}
+
+/// The log files of a container, oldest first (`path.N` … `path.1`, `path`).
+pub fn files(path: &Path, rotation: Rotation) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<std::path::PathBuf> = (1..rotation.max_file)
+        .rev()
+        .map(|i| rotated(path, i))
+        .filter(|p| p.exists())
+        .collect();
+    out.push(path.to_path_buf());
+    out
+}
+
+fn rotated(path: &Path, i: u32) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{i}"));
+    name.into()
+}
+
+/// Appends entries to a container's log file, rotating it by size.
 #[derive(Debug)]
 pub struct LogWriter {
+    path: std::path::PathBuf,
     file: std::fs::File,
+    size: u64,
+    rotation: Rotation,
     partial: [Vec<u8>; 2],
 }
 
 impl LogWriter {
     /// Opens the log at `path` for appending.
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    pub fn open(path: &Path, rotation: Rotation) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)?;
+        let size = file.metadata()?.len();
         Ok(Self {
+            path: path.to_path_buf(),
             file,
+            size,
+            rotation,
             partial: [vec![], vec![]],
         })
+    }
+
+    fn append(&mut self, out: &[u8]) -> std::io::Result<()> {
+        if let Some(max) = self.rotation.max_size {
+            if self.size > 0 && self.size + out.len() as u64 > max {
+                if self.rotation.max_file > 1 {
+                    for i in (1..self.rotation.max_file - 1).rev() {
+                        let from = rotated(&self.path, i);
+                        if from.exists() {
+                            std::fs::rename(&from, rotated(&self.path, i + 1))?;
+                        }
+                    }
+                    std::fs::rename(&self.path, rotated(&self.path, 1))?;
+                } else {
+                    std::fs::remove_file(&self.path)?;
+                }
+                self.file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?;
+                self.size = 0;
+            }
+        }
+        self.file.write_all(out)?;
+        self.size += out.len() as u64;
+        Ok(())
     }
 
     /// Records output of one stream (`stderr == false` for stdout).
@@ -59,7 +141,7 @@ impl LogWriter {
         }
         self.partial[idx] = buf[start..].to_vec();
         if !out.is_empty() {
-            self.file.write_all(&out)?;
+            self.append(&out)?;
         }
         Ok(())
     }
@@ -74,7 +156,7 @@ impl LogWriter {
             }
         }
         if !out.is_empty() {
-            self.file.write_all(&out)?;
+            self.append(&out)?;
         }
         self.file.sync_data()
     }
@@ -127,7 +209,7 @@ mod tests {
     fn lines_are_split_and_partials_held() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c-json.log");
-        let mut w = LogWriter::open(&path).expect("open");
+        let mut w = LogWriter::open(&path, Rotation::default()).expect("open");
         w.write(false, b"one\ntw").expect("write");
         w.write(true, b"err\n").expect("write");
         let (entries, off) = read_from(&path, 0).expect("read");
@@ -145,5 +227,38 @@ mod tests {
         let (more, _) = read_from(&path, off).expect("read");
         let texts: Vec<_> = more.iter().map(|e| e.log.as_str()).collect();
         assert_eq!(texts, vec!["two\n", "three"]);
+    }
+
+    #[test]
+    fn rotation_keeps_max_file_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c-json.log");
+        let rot = Rotation {
+            max_size: Some(200),
+            max_file: 3,
+        };
+        let mut w = LogWriter::open(&path, rot).expect("open");
+        for i in 0..40 {
+            w.write(false, format!("line {i}\n").as_bytes())
+                .expect("write");
+        }
+        let fs = files(&path, rot);
+        assert_eq!(fs.len(), 3, "{fs:?}");
+        let mut all = vec![];
+        for f in &fs {
+            all.extend(read_from(f, 0).expect("read").0);
+            assert!(std::fs::metadata(f).expect("meta").len() <= 200);
+        }
+        // The newest lines are kept, in order, the oldest dropped.
+        assert_eq!(all.last().map(|e| e.log.as_str()), Some("line 39\n"));
+        let nums: Vec<u32> = all
+            .iter()
+            .filter_map(|e| e.log.trim().strip_prefix("line ")?.parse().ok())
+            .collect();
+        assert!(nums.windows(2).all(|w| w[1] == w[0] + 1));
+        assert!(nums[0] > 0);
+        assert_eq!(parse_size("10m"), Some(10 << 20));
+        assert_eq!(parse_size("1k"), Some(1024));
+        assert_eq!(parse_size("x"), None);
     }
 }

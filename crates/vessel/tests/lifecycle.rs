@@ -245,3 +245,69 @@ fn stats_report_what_the_vm_costs() {
     assert_eq!(status, 404);
     d.ok(&["rm", "-f", "busy"]);
 }
+
+#[test]
+fn json_file_rotation_and_the_none_driver() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    let out = d.ok(&[
+        "run",
+        "--name",
+        "chatty",
+        "--log-opt",
+        "max-size=2k",
+        "--log-opt",
+        "max-file=2",
+        "busybox",
+        "sh",
+        "-c",
+        "i=1; while [ $i -le 400 ]; do echo line $i; i=$((i+1)); done",
+    ]);
+    assert_eq!(out.lines().count(), 400, "attach sees everything");
+    let logs = d.ok(&["logs", "chatty"]);
+    let kept: Vec<&str> = logs.lines().collect();
+    assert!(
+        kept.len() < 400 && kept.len() > 20,
+        "{} lines kept",
+        kept.len()
+    );
+    assert_eq!(kept.last(), Some(&"line 400"));
+    let files = std::fs::read_dir(d.data_root().join("containers"))
+        .expect("containers dir")
+        .flatten()
+        .flat_map(|c| {
+            std::fs::read_dir(c.path())
+                .expect("dir")
+                .flatten()
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| f.file_name().to_string_lossy().contains("-json.log"))
+        .count();
+    assert_eq!(files, 2, "max-file=2 keeps two files");
+
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--name",
+            "quiet",
+            "--log-driver",
+            "none",
+            "busybox",
+            "echo",
+            "seen"
+        ]),
+        "seen\n"
+    );
+    let out = d.docker(&["logs", "quiet"]);
+    assert!(
+        stderr(&out).contains("does not support reading"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.docker(&["run", "--log-driver", "syslogx", "busybox", "true"]);
+    assert!(
+        stderr(&out).contains("no log driver named"),
+        "{}",
+        stderr(&out)
+    );
+}
