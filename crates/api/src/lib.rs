@@ -148,6 +148,7 @@ pub fn service(engine: Engine) -> Router {
         .route("/containers/prune", post(containers_prune))
         .route("/containers/{id}/rename", post(container_rename))
         .route("/containers/{id}/pause", post(container_pause))
+        .route("/containers/{id}/update", post(container_update))
         .route("/containers/{id}/unpause", post(container_unpause))
         .route("/containers/{id}/json", get(container_inspect))
         .route("/containers/{id}/start", post(container_start))
@@ -758,6 +759,20 @@ async fn container_rename(
     let q = Query::of(req.uri());
     s.engine.rename(&id, q.get("name").unwrap_or("")).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn container_update(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let bytes = axum::body::to_bytes(req.into_body(), 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::bad(format!("reading request body: {e}")))?;
+    let body: bollard_stubs::models::ContainerUpdateBody =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))?;
+    let warnings = s.engine.update(&id, body).await?;
+    Ok(axum::Json(serde_json::json!({ "Warnings": warnings })).into_response())
 }
 
 async fn container_pause(

@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard_stubs::models::{
-    ContainerConfig, ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ExecConfig,
-    HostConfig,
+    ContainerConfig, ContainerCreateBody, ContainerInspectResponse, ContainerSummary,
+    ContainerUpdateBody, ExecConfig, HostConfig,
 };
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
@@ -616,6 +616,60 @@ impl Engine {
         self.persist(&rec)?;
         self.container_event(&rec, "rename", &[("oldName", format!("/{old}"))]);
         Ok(())
+    }
+
+    /// `docker update`: the restart policy always; memory and CPUs only
+    /// while the container is not running (they shape its next VM: a running
+    /// VM's memory and vCPUs cannot change).
+    pub async fn update(
+        &self,
+        name_or_id: &str,
+        body: ContainerUpdateBody,
+    ) -> Result<Vec<String>, EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let _op = h.op.lock().await;
+        let rec = h.rec();
+        let mut hc = rec.host_config.clone();
+        // As in Docker, zero means "leave as it is".
+        if let Some(m) = body.memory.filter(|m| *m != 0) {
+            hc.memory = Some(m);
+        }
+        if let Some(n) = body.nano_cpus.filter(|n| *n != 0) {
+            hc.nano_cpus = Some(n);
+        }
+        let shape = self.shape(&hc)?;
+        let reshaped = shape.memory_mib != rec.vm.memory_mib || shape.vcpus != rec.vm.vcpus;
+        if reshaped && rec.running() {
+            return Err(EngineError::InvalidParameter(format!(
+                "cannot change the memory or CPUs of running container {}: its VM has {} MiB and {} vCPUs; stop it, update it, and start it again",
+                rec.id, rec.vm.memory_mib, rec.vm.vcpus
+            )));
+        }
+        if let Some(rp) = body.restart_policy.clone() {
+            if rp.maximum_retry_count.unwrap_or(0) < 0 {
+                return Err(EngineError::InvalidParameter(
+                    "invalid restart policy: maximum retry count cannot be negative".into(),
+                ));
+            }
+            if rec.host_config.auto_remove == Some(true)
+                && rp
+                    .name
+                    .as_ref()
+                    .is_some_and(|n| !["", "no"].contains(&n.to_string().as_str()))
+            {
+                return Err(EngineError::InvalidParameter(
+                    "Restart policy cannot be updated because AutoRemove is enabled for the container".into(),
+                ));
+            }
+            hc.restart_policy = Some(rp);
+        }
+        let rec = h.update(|r| {
+            r.host_config = hc;
+            r.vm = shape;
+        });
+        self.persist(&rec)?;
+        self.container_event(&rec, "update", &[]);
+        Ok(vec![])
     }
 
     /// `docker container prune`: removes every container that is not running.

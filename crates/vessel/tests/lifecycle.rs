@@ -311,3 +311,44 @@ fn json_file_rotation_and_the_none_driver() {
         stderr(&out)
     );
 }
+
+#[test]
+fn update_changes_what_a_vm_can_change() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&[
+        "run", "-d", "--name", "up", "-m", "256m", "busybox", "sleep", "1000",
+    ]);
+    // A running VM's memory cannot change: a clear error.
+    let out = d.docker(&["update", "-m", "300m", "up"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot change the memory or CPUs of running container"),
+        "{}",
+        stderr(&out)
+    );
+    // The restart policy can.
+    d.ok(&["update", "--restart", "on-failure:3", "up"]);
+    assert_eq!(
+        d.ok(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.RestartPolicy.Name}} {{.HostConfig.RestartPolicy.MaximumRetryCount}}",
+            "up"
+        ])
+        .trim(),
+        "on-failure 3"
+    );
+    // A stopped container's next VM gets the new shape.
+    d.ok(&["stop", "-t", "0", "up"]);
+    d.ok(&["update", "-m", "300m", "--memory-swap", "-1", "up"]);
+    d.ok(&["start", "up"]);
+    let out = d.ok(&["exec", "up", "grep", "MemTotal", "/proc/meminfo"]);
+    let kb: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("MemTotal");
+    assert!((250_000..=307_200).contains(&kb), "{out}");
+    d.ok(&["rm", "-f", "up"]);
+}
