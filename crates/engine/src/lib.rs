@@ -12,6 +12,7 @@
 
 mod events;
 mod exec;
+mod health;
 mod logs;
 mod names;
 mod record;
@@ -516,7 +517,7 @@ impl Engine {
     ) -> Result<Vec<ContainerSummary>, EngineError> {
         for key in filters.keys() {
             if ![
-                "status", "name", "id", "label", "ancestor", "exited", "before", "since",
+                "status", "name", "id", "label", "ancestor", "exited", "before", "since", "health",
             ]
             .contains(&key.as_str())
             {
@@ -571,6 +572,7 @@ impl Engine {
                 any("status", &|v| v == state)
                     && any("name", &|v| r.name.contains(v.trim_start_matches('/')))
                     && any("id", &|v| r.id.starts_with(v))
+                    && any("health", &|v| v == r.health_status())
                     && any("exited", &|v| {
                         r.state.status == Status::Exited && v.parse() == Ok(r.state.exit_code)
                     })
@@ -736,6 +738,34 @@ impl Engine {
         let rec = h.update(|r| r.state.paused = false);
         self.container_event(&rec, "unpause", &[]);
         self.persist(&rec)
+    }
+
+    fn start_health_checks(&self, h: &Arc<Handle>, rec: &ContainerRecord) {
+        if let Some(cfg) = rec.config.healthcheck.clone() {
+            if let Some(cmd) = health::command(&cfg) {
+                tokio::spawn(health::run(self.clone(), h.clone(), cfg, cmd));
+            }
+        }
+    }
+
+    /// Records a new health state (and emits `health_status` when it changes).
+    fn set_health(&self, h: &Handle, health: bollard_stubs::models::Health) {
+        let before = h.rec().health_status();
+        let rec = h.update(|r| r.state.health = Some(health));
+        if let Err(e) = self.persist(&rec) {
+            warn!(id = %h.id, "saving health: {e}");
+        }
+        let after = rec.health_status();
+        if before != after {
+            self.container_event(&rec, &format!("health_status: {after}"), &[]);
+        }
+    }
+
+    /// Drops an internal exec (a health check's) once it is done.
+    fn forget_exec(&self, id: &str) {
+        if let Ok(mut m) = self.inner.execs.lock() {
+            m.remove(id);
+        }
     }
 
     /// Starts a container again because its restart policy says so. Boxed:
@@ -927,6 +957,7 @@ impl Engine {
                 started_at: None,
                 finished_at: None,
                 paused: false,
+                health: None,
             },
             vm: shape,
             restart_count: 0,
@@ -1137,6 +1168,7 @@ impl Engine {
                 started_at: Some(now_rfc3339()),
                 finished_at: r.state.finished_at.clone(),
                 paused: false,
+                health: None,
             };
         });
         self.persist(&rec)?;
@@ -1153,6 +1185,7 @@ impl Engine {
             "container started"
         );
         self.container_event(&rec, "start", &[]);
+        self.start_health_checks(h, &rec);
         tokio::spawn(self.clone().monitor(h.clone(), reader, pid, None));
         Ok(())
     }
@@ -2023,6 +2056,9 @@ impl Engine {
                     self.go_live(&h, writer).await;
                     tokio::spawn(vessel_vm::wait_exit(pid));
                     tokio::spawn(self.clone().monitor(h.clone(), reader, pid, exited));
+                    if exited.is_none() {
+                        self.start_health_checks(&h, &rec);
+                    }
                     info!(%id, pid, "reattached to running container");
                     return;
                 }
@@ -2142,7 +2178,12 @@ fn merge_config(
         stdin_once: Some(body.stdin_once.unwrap_or(false)),
         env: Some(env),
         cmd,
-        healthcheck: body.healthcheck.clone(),
+        healthcheck: body.healthcheck.clone().or_else(|| {
+            image
+                .healthcheck
+                .clone()
+                .and_then(|v| serde_json::from_value(v).ok())
+        }),
         args_escaped: body.args_escaped,
         image: Some(image_name.to_string()),
         volumes: body.volumes.clone(),

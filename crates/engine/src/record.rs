@@ -58,6 +58,9 @@ pub struct StateRecord {
     /// The VM is frozen (`docker pause`).
     #[serde(default)]
     pub paused: bool,
+    /// Health check state, when the container has a health check.
+    #[serde(default)]
+    pub health: Option<bollard_stubs::models::Health>,
 }
 
 /// How the container's VM is shaped.
@@ -135,6 +138,17 @@ impl ContainerRecord {
         self.state.status == Status::Running
     }
 
+    /// `starting`, `healthy`, `unhealthy`, or `none` without a health check.
+    pub fn health_status(&self) -> &'static str {
+        use bollard_stubs::models::HealthStatusEnum as H;
+        match self.state.health.as_ref().and_then(|h| h.status) {
+            Some(H::STARTING) => "starting",
+            Some(H::HEALTHY) => "healthy",
+            Some(H::UNHEALTHY) => "unhealthy",
+            _ => "none",
+        }
+    }
+
     /// `sh -c 'x'` as `docker ps` shows it.
     pub fn command(&self) -> String {
         let mut parts = vec![self.path.clone()];
@@ -148,7 +162,15 @@ impl ContainerRecord {
             Status::Running if self.state.paused => {
                 format!("Up {} (Paused)", since(self.state.started_at.as_deref()))
             }
-            Status::Running => format!("Up {}", since(self.state.started_at.as_deref())),
+            Status::Running => {
+                let up = format!("Up {}", since(self.state.started_at.as_deref()));
+                match self.health_status() {
+                    "starting" => format!("{up} (health: starting)"),
+                    "healthy" => format!("{up} (healthy)"),
+                    "unhealthy" => format!("{up} (unhealthy)"),
+                    _ => up,
+                }
+            }
             Status::Exited => format!(
                 "Exited ({}) {} ago",
                 self.state.exit_code,
@@ -192,7 +214,7 @@ impl ContainerRecord {
                 error: Some(s.error.clone()),
                 started_at: Some(s.started_at.clone().unwrap_or_else(|| ZERO_TIME.into())),
                 finished_at: Some(s.finished_at.clone().unwrap_or_else(|| ZERO_TIME.into())),
-                health: None,
+                health: s.health.clone(),
             }),
             image: Some(self.image_id.clone()),
             resolv_conf_path: Some(String::new()),

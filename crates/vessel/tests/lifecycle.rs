@@ -352,3 +352,84 @@ fn update_changes_what_a_vm_can_change() {
     assert!((250_000..=307_200).contains(&kb), "{out}");
     d.ok(&["rm", "-f", "up"]);
 }
+
+#[test]
+fn health_checks_follow_the_test_command() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "hc",
+        "--health-cmd",
+        "test -f /tmp/ok",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "2",
+        "--health-timeout",
+        "10s",
+        "busybox",
+        "sleep",
+        "1000",
+    ]);
+    let status = || {
+        d.ok(&["inspect", "-f", "{{.State.Health.Status}}", "hc"])
+            .trim()
+            .to_string()
+    };
+    assert!(eventually(60, || status() == "unhealthy"), "{}", status());
+    assert!(d
+        .ok(&["ps", "--format", "{{.Status}}"])
+        .contains("(unhealthy)"));
+    let streak: i64 = d
+        .ok(&["inspect", "-f", "{{.State.Health.FailingStreak}}", "hc"])
+        .trim()
+        .parse()
+        .expect("streak");
+    assert!(streak >= 2);
+    d.ok(&["exec", "hc", "touch", "/tmp/ok"]);
+    assert!(eventually(60, || status() == "healthy"), "{}", status());
+    assert_eq!(
+        d.ok(&["ps", "-q", "--filter", "health=healthy"])
+            .lines()
+            .count(),
+        1
+    );
+    let log = d.ok(&[
+        "inspect",
+        "-f",
+        "{{range .State.Health.Log}}{{.ExitCode}} {{end}}",
+        "hc",
+    ]);
+    assert!(log.trim().ends_with('0') && log.contains('1'), "{log}");
+    let ev = d.ok(&[
+        "events",
+        "--since",
+        "0",
+        "--until",
+        &(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("t")
+            .as_secs()
+            + 1)
+        .to_string(),
+        "--filter",
+        "container=hc",
+        "--format",
+        "{{.Action}}",
+    ]);
+    assert!(
+        ev.contains("health_status: unhealthy") && ev.contains("health_status: healthy"),
+        "{ev}"
+    );
+    // No health check: no health state.
+    d.ok(&["run", "-d", "--name", "plain", "busybox", "sleep", "1000"]);
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.State.Health}}", "plain"])
+            .trim(),
+        "<nil>"
+    );
+    d.ok(&["rm", "-f", "hc", "plain"]);
+}
