@@ -533,7 +533,9 @@ impl Agent {
         while !self.state().execs.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        nix::unistd::sync();
+        // No sync here: the host answers `Exited` with `Shutdown`, which
+        // syncs before powering off (and a container removed with `--rm`
+        // needs none).
         let oom_killed = system::oom_kills() > oom_before;
         crate::log!("process exited with {exit_code} (oom_killed={oom_killed})");
         let mut st = self.state();

@@ -1384,8 +1384,12 @@ impl Engine {
         {
             let mut live = h.live.lock().await;
             if let Some(w) = live.writer.take() {
-                if exit.is_some() {
+                if exit.is_some() && h.rec().host_config.auto_remove != Some(true) {
+                    // The agent syncs the container's disk, then powers off.
                     let _ = w.send(&HostMsg::Shutdown).await;
+                } else {
+                    // `--rm`: the disk is deleted next, nothing to keep.
+                    vessel_vm::kill_vm(pid, &id);
                 }
             }
             *live = Live::default();
