@@ -267,6 +267,11 @@ impl Agent {
                 root
             }
         };
+        // The machine id comes from the host's fresh entropy (hex): the
+        // first 32 characters.
+        if let Err(e) = rootfs::write_machine_id(&root, spec.entropy.get(..32).unwrap_or("")) {
+            crate::log!("machine-id: {e}");
+        }
         rootfs::write_etc(&root, &spec.hostname, &spec.extra_hosts)
             .map_err(|e| StartError::other(format!("writing /etc/hosts: {e}")))?;
         if !spec.hostname.is_empty() {
@@ -851,7 +856,7 @@ mod tests {
         for d in ["bin", "work", "tmp"] {
             std::fs::create_dir_all(root.path().join(d)).expect("mkdir");
         }
-        std::fs::copy("/usr/bin/busybox", root.path().join("bin/busybox")).expect("copy");
+        crate::test_support::install_busybox(&root.path().join("bin/busybox"));
         std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).expect("symlink");
         std::os::unix::fs::symlink("busybox", root.path().join("bin/cat")).expect("symlink");
         let (agent, mut rx) = running_agent(Some(root.path()));
@@ -982,7 +987,7 @@ mod tests {
         for d in ["bin", "work", "dev/pts"] {
             std::fs::create_dir_all(root.path().join(d)).expect("mkdir");
         }
-        std::fs::copy("/usr/bin/busybox", root.path().join("bin/busybox")).expect("copy");
+        crate::test_support::install_busybox(&root.path().join("bin/busybox"));
         std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).expect("symlink");
         let pts = root.path().join("dev/pts");
         if let Err(e) = nix::mount::mount(

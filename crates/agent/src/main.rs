@@ -129,3 +129,17 @@ fn main() {
         }
     }
 }
+
+/// Helpers shared by the tests that run real processes.
+#[cfg(test)]
+mod test_support {
+    /// Puts busybox at `dest` as a hard link: a copy would hold a writable
+    /// descriptor that a concurrently forked test process inherits, and
+    /// exec'ing the copy then fails with ETXTBSY. Falls back to a copy when
+    /// the link crosses filesystems.
+    pub fn install_busybox(dest: &std::path::Path) {
+        if std::fs::hard_link("/usr/bin/busybox", dest).is_err() {
+            std::fs::copy("/usr/bin/busybox", dest).expect("copy busybox");
+        }
+    }
+}

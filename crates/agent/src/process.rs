@@ -405,7 +405,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("bin")).expect("mkdir");
-        std::fs::copy("/usr/bin/busybox", dir.path().join("bin/busybox")).expect("copy");
+        crate::test_support::install_busybox(&dir.path().join("bin/busybox"));
         let (rx, tx) = nix::unistd::pipe().expect("pipe");
         let writer = Arc::new(Writer::connected(File::from(tx)));
         let args: Vec<String> = [

@@ -231,10 +231,51 @@ pub fn write_etc(root: &Path, hostname: &str, extra_hosts: &[String]) -> io::Res
     Ok(())
 }
 
+/// Gives the container a machine id of its own when its image leaves
+/// `/etc/machine-id` empty or absent (as systemd-based images do): every VM,
+/// clones of one template included, is a distinct machine. An id the image
+/// sets is kept.
+pub fn write_machine_id(root: &Path, id_hex: &str) -> io::Result<()> {
+    if id_hex.len() != 32 {
+        return Ok(());
+    }
+    let path = resolve_in_root(root, Path::new("/etc/machine-id"))?;
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    if current.trim().is_empty() {
+        std::fs::write(path, format!("{id_hex}\n"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn machine_id_is_written_only_where_the_image_has_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = dir.path();
+        std::fs::create_dir_all(r.join("etc")).expect("mkdir");
+        let id = "0123456789abcdef0123456789abcdef";
+        write_machine_id(r, id).expect("write");
+        assert_eq!(
+            std::fs::read_to_string(r.join("etc/machine-id")).expect("read"),
+            format!("{id}\n")
+        );
+        std::fs::write(r.join("etc/machine-id"), "fixed\n").expect("write");
+        write_machine_id(r, id).expect("write");
+        assert_eq!(
+            std::fs::read_to_string(r.join("etc/machine-id")).expect("read"),
+            "fixed\n"
+        );
+        std::fs::write(r.join("etc/machine-id"), "").expect("write");
+        write_machine_id(r, id).expect("write");
+        assert_eq!(
+            std::fs::read_to_string(r.join("etc/machine-id")).expect("read"),
+            format!("{id}\n")
+        );
+    }
 
     #[test]
     fn symlinks_resolve_inside_the_root() {

@@ -19,7 +19,7 @@ fn clones_have_their_own_identity() {
     d.load_busybox(&["busybox:latest"]);
     wait_for_template(&d);
     let probe = "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
-                 date +%s; hostname; echo $$-$RANDOM > /tmp/mine; cat /tmp/mine; ls /tmp";
+                 date +%s; hostname; echo $$-$RANDOM > /tmp/mine; cat /tmp/mine; ls /tmp; cat /etc/machine-id";
     let a = d.ok(&["run", "--rm", "busybox", "sh", "-c", probe]);
     let b = d.ok(&["run", "--rm", "busybox", "sh", "-c", probe]);
     let log = d.log();
@@ -43,6 +43,8 @@ fn clones_have_their_own_identity() {
         assert_eq!(clone[5], "mine");
     }
     assert_ne!(a[3], b[3], "hostnames");
+    assert_eq!(a[6].len(), 32, "machine-id: {a:?}");
+    assert_ne!(a[6], b[6], "machine-id shared between clones");
     // Clones keep every other behaviour: exit codes and both streams.
     let out = d.docker(&[
         "run",
