@@ -3,14 +3,16 @@
 Debian's docker.io is installed, dockerd + runc, side by side in one run.
 
 Prints medians and the ratio Vessel / dockerd+runc for
-  * `docker run --rm busybox true` (runs alternate: Vessel, dockerd, Vessel, ...)
+  * `docker run --rm busybox true` (runs alternate: Vessel, dockerd, Vessel
+    with template clones only, ...), and Vessel back to back (no pause, so
+    its warm VM is still being made when the next run comes)
   * `docker run -d busybox sleep 1000` followed by `docker exec ... true`
   * host memory per idle container (PSS of everything the container costs on
     the host: its QEMU process for Vessel; the shim and the container's
     processes for dockerd)
   * N idle containers (`docker run -d busybox sleep 100000`) started in a row:
     time and total host memory
-  * cold boot versus template clone for Vessel alone.
+  * cold boot versus template clone versus warm VM for Vessel alone.
 Usage: scripts/bench-startup.py [--runs 10] [--idle 100] [--no-dockerd]
 Needs scripts/setup.sh to have run; `apt-get install docker.io` for the peer.
 """
@@ -113,6 +115,9 @@ def main():
         vessel = os.path.join(HERE, "target/release/vessel")
         v = Engine("vessel", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/v.sock", "--data-root", f"{tmp}/v"], f"{tmp}/v.sock")
         engines.append(v)
+        vc = Engine("vessel-clone", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/vc.sock", "--data-root", f"{tmp}/vc",
+                                          "--warm-vms", "0"], f"{tmp}/vc.sock")
+        engines.append(vc)
         cold = Engine("vessel-cold", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/c.sock", "--data-root", f"{tmp}/c",
                                            "--vm-templates=false"], f"{tmp}/c.sock")
         engines.append(cold)
@@ -132,31 +137,40 @@ def main():
         for e in engines:
             e.docker("load", "-q", "-i", image)
         for _ in range(600):
-            if "VM template ready" in open(v.log).read():
+            if all("VM template ready" in open(x.log).read() for x in (v, vc)):
                 break
             time.sleep(0.2)
         net = ["--network", "none"]
         for e in engines:  # warm-up: boot disks, page cache
             e.docker("run", "--rm", *(net if e is d else []), "busybox", "true")
 
-        runs = {"vessel": [], "dockerd": [], "vessel-cold": []}
+        runs = {"vessel": [], "dockerd": [], "vessel-clone": [], "vessel-cold": [], "back-to-back": []}
         for _ in range(a.runs):
             runs["vessel"].append(v.timed("run", "--rm", "busybox", "true"))
             if d:
                 runs["dockerd"].append(d.timed("run", "--rm", *net, "busybox", "true"))
+            runs["vessel-clone"].append(vc.timed("run", "--rm", "busybox", "true"))
         for _ in range(max(3, a.runs // 3)):
             runs["vessel-cold"].append(cold.timed("run", "--rm", "busybox", "true"))
         boots = re.findall(r'boot="(\w+)"', open(v.log).read())
+        clone_boots = re.findall(r'boot="(\w+)"', open(vc.log).read())
+        for _ in range(a.runs):
+            runs["back-to-back"].append(v.timed("run", "--rm", "busybox", "true"))
 
         print(f"== docker run --rm busybox true ({a.runs} runs, alternating; medians)")
         vm = med(runs["vessel"])
-        print(f"  Vessel (template clone)  {vm * 1000:7.0f} ms   [{boots.count('clone')} clones, {boots.count('cold')} cold boots]")
+        print(f"  Vessel (warm VM)         {vm * 1000:7.0f} ms   [{boots.count('warm')} warm, {boots.count('clone')} clones, {boots.count('cold')} cold boots]")
         if d:
             dm = med(runs["dockerd"])
             print(f"  dockerd + runc           {dm * 1000:7.0f} ms   (--network none)")
             print(f"  ratio Vessel / dockerd   {vm / dm:7.2f}")
+        cm = med(runs["vessel-clone"])
+        print(f"  Vessel (clone, --warm-vms 0) {cm * 1000:5.0f} ms   [{clone_boots.count('clone')} clones, {clone_boots.count('cold')} cold boots]")
+        if d:
+            print(f"  ratio clone / dockerd    {cm / dm:7.2f}")
         print(f"  Vessel (cold boot)       {med(runs['vessel-cold']) * 1000:7.0f} ms   ({len(runs['vessel-cold'])} runs)")
-        print(f"  clone speed-up over cold {med(runs['vessel-cold']) / vm:7.1f}x")
+        print(f"  speed-up over cold: clone {med(runs['vessel-cold']) / cm:.1f}x, warm VM {med(runs['vessel-cold']) / vm:.1f}x")
+        print(f"  Vessel back to back      {med(runs['back-to-back']) * 1000:7.0f} ms   (no pause between runs)")
 
         print(f"== docker run -d busybox sleep 1000, then docker exec ... true ({a.runs} runs each; medians)")
         execs = {}

@@ -68,6 +68,8 @@ struct ExecProc {
 #[derive(Default)]
 struct State {
     rootfs: Option<PathBuf>,
+    /// The host's clock and entropy were taken (once per VM, at `Start`).
+    identity: bool,
     running: Option<Running>,
     exit: Option<(i32, bool)>,
     /// Execs by id, until their `ExecExited` is sent.
@@ -117,6 +119,7 @@ impl Agent {
     pub fn handle(&self, msg: HostMsg) {
         match msg {
             HostMsg::Hello { nonce } => self.hello(&nonce),
+            HostMsg::Prepare(rootfs) => self.prepare(&rootfs),
             HostMsg::Start(spec) => self.start(&spec),
             HostMsg::CloseStdin => {
                 let st = self.state();
@@ -222,6 +225,40 @@ impl Agent {
         }
     }
 
+    /// Mounts the root filesystem ahead of `Start` (a warm VM).
+    fn prepare(&self, spec: &vessel_protocol::RootfsSpec) {
+        let mut st = self.state();
+        match Self::mount_root(&mut st, spec) {
+            Ok(root) => {
+                drop(st);
+                let t0 = std::time::Instant::now();
+                warm_up(&root);
+                crate::log!("warm-up {} ms", t0.elapsed().as_millis());
+                self.writer.send(&GuestMsg::Prepared);
+            }
+            Err(e) => {
+                drop(st);
+                self.error(format!("preparing the root filesystem: {e}"));
+            }
+        }
+    }
+
+    /// The container's root: mounted on first use, then reused.
+    fn mount_root(st: &mut State, spec: &vessel_protocol::RootfsSpec) -> std::io::Result<PathBuf> {
+        if let Some(r) = &st.rootfs {
+            return Ok(r.clone());
+        }
+        let t0 = std::time::Instant::now();
+        // A restored VM may hold the template's cached blocks of these
+        // devices; the container's disks are other files.
+        crate::system::flush_block_cache(&spec.image_device);
+        crate::system::flush_block_cache(&spec.upper_device);
+        let root = rootfs::mount_rootfs(spec)?;
+        crate::log!("root filesystem {} ms", t0.elapsed().as_millis());
+        st.rootfs = Some(root.clone());
+        Ok(root)
+    }
+
     fn start(&self, spec: &ProcessSpec) {
         let mut st = self.state();
         if st.running.is_some() || st.exit.is_some() {
@@ -248,25 +285,13 @@ impl Agent {
     /// `Started` and starts the pumps — all under the state lock, so the
     /// reaper cannot report an exit before `Started`.
     fn try_start(&self, st: &mut State, spec: &ProcessSpec) -> Result<Running, StartError> {
-        let root = match &st.rootfs {
-            Some(r) => r.clone(),
-            None => {
-                let t0 = std::time::Instant::now();
-                crate::system::adopt_identity(spec.clock_unix_ns, &spec.entropy);
-                crate::system::flush_block_cache(&spec.rootfs.image_device);
-                crate::system::flush_block_cache(&spec.rootfs.upper_device);
-                let t1 = t0.elapsed();
-                let root = rootfs::mount_rootfs(&spec.rootfs)
-                    .map_err(|e| StartError::other(e.to_string()))?;
-                crate::log!(
-                    "identity {} ms, root filesystem {} ms",
-                    t1.as_millis(),
-                    (t0.elapsed() - t1).as_millis()
-                );
-                st.rootfs = Some(root.clone());
-                root
-            }
-        };
+        let t0 = std::time::Instant::now();
+        if !st.identity {
+            crate::system::adopt_identity(spec.clock_unix_ns, &spec.entropy);
+            st.identity = true;
+        }
+        let root =
+            Self::mount_root(st, &spec.rootfs).map_err(|e| StartError::other(e.to_string()))?;
         // The machine id comes from the host's fresh entropy (hex): the
         // first 32 characters.
         if let Err(e) = rootfs::write_machine_id(&root, spec.entropy.get(..32).unwrap_or("")) {
@@ -279,6 +304,7 @@ impl Agent {
                 crate::log!("sethostname: {e}");
             }
         }
+        let t_etc = t0.elapsed();
         let user = user::resolve_in_root(&root, &spec.user)?;
         let env = command::build_env(&spec.env, &spec.hostname, &user.home, spec.tty);
         let oom_before = system::oom_kills();
@@ -296,6 +322,11 @@ impl Agent {
         self.writer.send(&GuestMsg::Started {
             pid: spawned.pid as u32,
         });
+        crate::log!(
+            "start: identity+root+etc {} ms, then spawn {} ms",
+            t_etc.as_millis(),
+            (t0.elapsed() - t_etc).as_millis()
+        );
         let muted = Arc::new(AtomicBool::new(false));
         let count = spawned.outputs.len();
         let done = process::start_pumps(
@@ -567,6 +598,50 @@ impl Agent {
 }
 
 /// The main process's working directory: its spec's, `/` by default.
+/// Runs, once, the guest code paths every start takes: the user lookup,
+/// the writes to `/etc`, and a fork and exec (of the agent itself, from the
+/// initramfs: nothing of the image runs). Under software emulation (TCG)
+/// the first run of any guest code pays for its translation; a warm VM pays
+/// it before its container is waiting. `Start` rewrites `/etc` with the
+/// container's own values.
+fn warm_up(root: &std::path::Path) {
+    let _ = user::resolve_in_root(root, "");
+    if let Err(e) = rootfs::write_etc(root, "localhost", &[]) {
+        crate::log!("warm-up: {e}");
+    }
+    let Ok(user) = user::resolve_in_root(std::path::Path::new("/"), "0:0") else {
+        return;
+    };
+    let args = ["/init".to_string(), WARM_UP_ARG.to_string()];
+    let spawned = process::start(&process::Launch {
+        root: std::path::Path::new("/"),
+        args: &args,
+        env: vec![("PATH".into(), "/".into())],
+        cwd: "/".into(),
+        user,
+        tty: false,
+        tty_size: None,
+        open_stdin: false,
+        create_cwd: false,
+    });
+    match spawned {
+        // The reaper collects it; wait (briefly) until it is gone so the VM
+        // is idle when its container comes.
+        Ok(s) => {
+            for _ in 0..500 {
+                if !std::path::Path::new(&format!("/proc/{}/stat", s.pid)).exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        Err(e) => crate::log!("warm-up: {}", e.message),
+    }
+}
+
+/// The argument that makes `vessel-init` exit at once (see [`warm_up`]).
+pub const WARM_UP_ARG: &str = "--warm-up";
+
 fn main_cwd(spec: &ProcessSpec) -> String {
     if spec.cwd.is_empty() {
         "/".to_string()

@@ -28,6 +28,8 @@ const PORT_WAIT: Duration = Duration::from_secs(5);
 
 /// Pause after a read that found the host end unconnected.
 const IDLE_SLEEP: Duration = Duration::from_millis(5);
+/// The longest sleep between reads of a closed virtio-serial port.
+const IDLE_SLEEP_MAX: Duration = Duration::from_millis(200);
 
 /// How much unacknowledged output (data bytes) the agent keeps.
 pub const REPLAY_CAPACITY: usize = 8 * 1024 * 1024;
@@ -293,7 +295,13 @@ pub fn open(kind: TransportKind) -> io::Result<(Box<dyn Channel>, std::sync::Arc
         TransportKind::VirtioSerial => {
             let file = open_virtio_port(vessel_protocol::VIRTIO_PORT_NAME)?;
             let writer = std::sync::Arc::new(Writer::new(Some(file.try_clone()?), REPLAY_CAPACITY));
-            Ok((Box::new(VirtioSerial { file }), writer))
+            Ok((
+                Box::new(VirtioSerial {
+                    file,
+                    idle: IDLE_SLEEP,
+                }),
+                writer,
+            ))
         }
         TransportKind::Vsock => {
             let listener = vsock_listen(vessel_protocol::VSOCK_PORT)?;
@@ -346,6 +354,12 @@ fn open_virtio_port(name: &str) -> io::Result<File> {
 
 struct VirtioSerial {
     file: File,
+    /// How long to sleep before the next read while the host end is
+    /// closed: the port reads 0 (and polls as hung up) until the host
+    /// connects, so it can only be polled by retrying. Doubles up to
+    /// [`IDLE_SLEEP_MAX`] (a VM whose daemon is down must stay idle) and
+    /// starts over when bytes arrive.
+    idle: Duration,
 }
 
 impl Channel for VirtioSerial {
@@ -353,8 +367,13 @@ impl Channel for VirtioSerial {
         loop {
             match self.file.read(buf) {
                 Ok(0) => {
-                    std::thread::sleep(IDLE_SLEEP);
+                    std::thread::sleep(self.idle);
+                    self.idle = (self.idle * 2).min(IDLE_SLEEP_MAX);
                     return Ok(0);
+                }
+                Ok(n) => {
+                    self.idle = IDLE_SLEEP;
+                    return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => return other,

@@ -20,8 +20,8 @@
 //!
 //! It must not:
 //!
-//! * touch any disk before `Start` (a booted, idle VM may be snapshotted
-//!   and cloned);
+//! * touch any disk before `Prepare` or `Start` (a booted, idle VM may be
+//!   snapshotted and cloned);
 //! * panic or exit on bad input: it logs to stderr (the kernel console) and
 //!   carries on; an unrecoverable error is logged and the VM is rebooted,
 //!   which ends it (QEMU runs with `-no-reboot`);
@@ -48,6 +48,9 @@ macro_rules! log {
 use vessel_protocol::{Decoder, FrameKind, SYNC_MAGIC};
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(agent::WARM_UP_ARG) {
+        return;
+    }
     std::panic::set_hook(Box::new(|info| {
         log!("panic: {info}");
         system::reboot();

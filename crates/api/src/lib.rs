@@ -607,6 +607,7 @@ async fn image_remove(s: &AppState, name: &str, q: &Query) -> ApiResult<Response
         tokio::task::spawn_blocking(move || images.remove(&n, force, &|id| engine.image_users(id)))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    s.engine.image_removed();
     let out: Vec<ImageDeleteResponseItem> = items
         .into_iter()
         .map(|i| match i {
@@ -1146,10 +1147,12 @@ async fn container_attach(
     let q = Query::of(req.uri());
     let (cid, att) = s.engine.attach(&id)?;
     let rec = s.engine.record(&cid)?;
-    if rec.state.status == vessel_engine::Status::Exited && !q.flag("logs") {
+    // As dockerd: a stopped container may be attached to (`docker start -a`
+    // attaches before it starts); a paused one may not.
+    if rec.state.paused {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            "You cannot attach to a stopped container, start it first",
+            "You cannot attach to a paused container, unpause it first",
         ));
     }
     let want_stdin = q.flag("stdin") && rec.config.open_stdin.unwrap_or(false);

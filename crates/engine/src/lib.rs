@@ -15,6 +15,7 @@ mod exec;
 mod health;
 mod logs;
 mod names;
+mod pool;
 mod record;
 pub mod signal;
 mod stats;
@@ -114,6 +115,9 @@ pub struct EngineConfig {
     /// Start container VMs by restoring booted templates (falls back to a
     /// cold boot when a template is not ready or its restore fails).
     pub templates: bool,
+    /// Warm VMs kept per (image, VM shape) when templates are on (see
+    /// `pool`); 0 turns them off.
+    pub warm_vms: usize,
 }
 
 /// Output of a container as attach clients see it.
@@ -267,6 +271,7 @@ struct Inner {
     blank_upper: PathBuf,
     guest_kernel: String,
     templates: Option<Arc<template::Templates>>,
+    pool: Option<pool::Pool>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
     events: Events,
     next_exec: std::sync::atomic::AtomicU32,
@@ -363,6 +368,14 @@ impl Engine {
         } else {
             None
         };
+        let pool = if templates.is_some() && cfg.warm_vms > 0 {
+            Some(
+                pool::Pool::open(root.join("warm"), root.join("vm"), cfg.warm_vms)
+                    .map_err(|e| internal("warm VMs", e))?,
+            )
+        } else {
+            None
+        };
         let engine = Engine {
             inner: Arc::new(Inner {
                 cfg,
@@ -374,6 +387,7 @@ impl Engine {
                 blank_upper,
                 guest_kernel,
                 templates,
+                pool,
                 execs: Mutex::new(HashMap::new()),
                 events: Events::default(),
                 next_exec: std::sync::atomic::AtomicU32::new(0),
@@ -390,6 +404,27 @@ impl Engine {
             t.prepare(&shape);
         }
         Ok(engine)
+    }
+
+    /// Ends what only this daemon process uses (warm VMs); containers'
+    /// VMs keep running.
+    pub fn shutdown(&self) {
+        if let Some(pool) = &self.inner.pool {
+            pool.clear();
+        }
+    }
+
+    /// Ends warm VMs of images that are no longer in the store.
+    pub fn image_removed(&self) {
+        if let Some(pool) = &self.inner.pool {
+            let images = self.inner.images.clone();
+            pool.retain_images(|id| images.resolve(id).is_ok());
+        }
+    }
+
+    /// How many warm VMs wait for containers now.
+    pub fn warm_vms(&self) -> usize {
+        self.inner.pool.as_ref().map_or(0, pool::Pool::len)
     }
 
     /// The image store.
@@ -962,6 +997,8 @@ impl Engine {
             vm: shape,
             restart_count: 0,
             manually_stopped: false,
+            fresh_upper: true,
+            vm_name: None,
         };
         let dir = self.container_dir(&id);
         std::fs::create_dir_all(&dir)
@@ -1079,42 +1116,81 @@ impl Engine {
         let t_disk = started.elapsed();
         let run_dir = self.run_dir(&rec.id);
         let _ = std::fs::remove_dir_all(&run_dir);
-        let mut spec = VmSpec {
-            name: rec.id.clone(),
-            run_dir: run_dir.clone(),
-            kernel: self.inner.cfg.kernel.clone(),
-            initrd: self.inner.initrd.clone(),
-            image_disk,
-            upper_disk: self.container_dir(&rec.id).join("upper.qcow2"),
-            memory_mib: rec.vm.memory_mib,
-            vcpus: rec.vm.vcpus,
-            boot: match &self.inner.templates {
-                Some(t) => t.boot_for(&rec.vm),
-                None => Boot::Cold,
-            },
+        let upper_disk = self.container_dir(&rec.id).join("upper.qcow2");
+        let warm = match &self.inner.pool {
+            Some(pool) if rec.fresh_upper => pool
+                .take_or_wait(&pool::key(&rec.image_id, &rec.vm), Duration::from_secs(3))
+                .await
+                .and_then(|vm| match pool::adopt(&vm, &upper_disk, &run_dir) {
+                    Ok(()) => Some(vm),
+                    Err(e) => {
+                        warn!(id = %rec.id, "taking a warm VM failed ({e}); starting another");
+                        vessel_vm::kill_vm(vm.pid, &vm.name);
+                        None
+                    }
+                }),
+            _ => None,
+        };
+        let (pid, t_spawn, mut reader, writer, state, boot_kind, vm_name) = match warm {
+            Some(vm) => {
+                if let Err(e) = vessel_vm::set_foreground(vm.pid) {
+                    warn!(id = %rec.id, "raising the warm VM's CPU priority: {e}");
+                }
+                // The next container of this image finds a VM ready.
+                self.refill_warm(&rec.image_id, &rec.vm);
+                let idle = GuestMsg::State {
+                    kernel_release: String::new(),
+                    process: ProcessState::Idle,
+                };
+                (vm.pid, Duration::ZERO, vm.reader, vm.writer, idle, "warm", Some(vm.name))
+            }
+            None => {
+                let mut spec = VmSpec {
+                    name: rec.id.clone(),
+                    run_dir: run_dir.clone(),
+                    kernel: self.inner.cfg.kernel.clone(),
+                    initrd: self.inner.initrd.clone(),
+                    image_disk,
+                    upper_disk,
+                    memory_mib: rec.vm.memory_mib,
+                    vcpus: rec.vm.vcpus,
+                    boot: match &self.inner.templates {
+                        Some(t) => t.boot_for(&rec.vm),
+                        None => Boot::Cold,
+                    },
+                    background: false,
+                };
+                let cloned = matches!(spec.boot, Boot::Clone { .. });
+                let launched = match self.launch(&spec).await {
+                    Err(e) if cloned => {
+                        warn!(id = %rec.id, "restoring the VM template failed ({e}); booting the kernel instead");
+                        if let Some(t) = &self.inner.templates {
+                            t.invalidate(&rec.vm);
+                        }
+                        spec.boot = Boot::Cold;
+                        self.launch(&spec).await
+                    }
+                    other => other,
+                };
+                let (pid, t_spawn, reader, writer, state) = launched?;
+                let kind = if matches!(spec.boot, Boot::Clone { .. }) {
+                    "clone"
+                } else {
+                    "cold"
+                };
+                (pid, t_spawn, reader, writer, state, kind, None)
+            }
         };
         h.killed.store(false, Ordering::SeqCst);
-        let cloned = matches!(spec.boot, Boot::Clone { .. });
-        let launched = match self.launch(&spec).await {
-            Err(e) if cloned => {
-                warn!(id = %rec.id, "restoring the VM template failed ({e}); booting the kernel instead");
-                if let Some(t) = &self.inner.templates {
-                    t.invalidate(&rec.vm);
-                }
-                spec.boot = Boot::Cold;
-                self.launch(&spec).await
-            }
-            other => other,
-        };
-        let (pid, t_spawn, mut reader, writer, state) = launched?;
-        let boot_kind = if matches!(spec.boot, Boot::Clone { .. }) {
-            "clone"
-        } else {
-            "cold"
-        };
+        let rec = h.update(|r| {
+            r.fresh_upper = false;
+            r.vm_name = vm_name;
+        });
+        self.persist(&rec)?;
+        let vm_name = rec.vm_name().to_string();
         let t_spawn = t_spawn + t_disk;
         let fail = |msg: String| {
-            vessel_vm::kill_vm(pid, &rec.id);
+            vessel_vm::kill_vm(pid, &vm_name);
             EngineError::Internal(msg)
         };
         let t_boot = started.elapsed();
@@ -1138,7 +1214,7 @@ impl Engine {
             match reader.next().await {
                 Ok(Some(Incoming::Msg(GuestMsg::Started { .. }))) => break,
                 Ok(Some(Incoming::Msg(GuestMsg::StartFailed { message, exit_code }))) => {
-                    vessel_vm::kill_vm(pid, &rec.id);
+                    vessel_vm::kill_vm(pid, &vm_name);
                     let rec = h.update(|r| {
                         r.state.exit_code = i64::from(exit_code);
                         r.state.error = message.clone();
@@ -1185,6 +1261,9 @@ impl Engine {
             "container started"
         );
         self.container_event(&rec, "start", &[]);
+        if boot_kind != "warm" {
+            self.refill_warm(&rec.image_id, &rec.vm);
+        }
         self.start_health_checks(h, &rec);
         tokio::spawn(self.clone().monitor(h.clone(), reader, pid, None));
         Ok(())
@@ -1291,6 +1370,7 @@ impl Engine {
         exited: Option<(i32, bool)>,
     ) {
         let id = h.id.clone();
+        let name = h.rec().vm_name().to_string();
         let run_started = std::time::Instant::now();
         let mut log = match log_driver(&h.rec().host_config) {
             Ok(Some(rotation)) => match logs::LogWriter::open(&self.log_path(&id), rotation) {
@@ -1389,13 +1469,12 @@ impl Engine {
                     let _ = w.send(&HostMsg::Shutdown).await;
                 } else {
                     // `--rm`: the disk is deleted next, nothing to keep.
-                    vessel_vm::kill_vm(pid, &id);
+                    vessel_vm::kill_vm(pid, &name);
                 }
             }
             *live = Live::default();
         }
         // The agent powers the VM off after Shutdown; make sure it is gone.
-        let name = id.clone();
         let reaped = tokio::time::timeout(Duration::from_secs(3), vessel_vm::wait_exit(pid)).await;
         if reaped.is_err() {
             vessel_vm::kill_vm(pid, &name);
@@ -1568,7 +1647,7 @@ impl Engine {
         if let Some(pid) = rec.state.pid {
             h.killed.store(true, Ordering::SeqCst);
             let exits0 = h.status.borrow().exits;
-            vessel_vm::kill_vm(pid, &rec.id);
+            vessel_vm::kill_vm(pid, rec.vm_name());
             self.wait_exit_of(h, exits0, Some(Duration::from_secs(10)))
                 .await;
         }
@@ -2000,7 +2079,7 @@ impl Engine {
                 _ => {
                     // A start that was cut short may have left a VM behind.
                     if let Some(pid) = vessel_vm::qemu::read_pid(&self.run_dir(&rec.id)) {
-                        vessel_vm::kill_vm(pid, &rec.id);
+                        vessel_vm::kill_vm(pid, rec.vm_name());
                     }
                 }
             }
@@ -2043,7 +2122,8 @@ impl Engine {
             .state
             .pid
             .or_else(|| vessel_vm::qemu::read_pid(&self.run_dir(&id)));
-        let alive = pid.is_some_and(|p| vessel_vm::vm_alive(p, &id));
+        let vm_name = rec.vm_name().to_string();
+        let alive = pid.is_some_and(|p| vessel_vm::vm_alive(p, &vm_name));
         if let (true, Some(pid)) = (alive, pid) {
             let sock = self.run_dir(&id).join(vessel_vm::qemu::CONTROL_SOCKET);
             match connect(&Transport::VirtioSerial(sock), Duration::from_secs(10)).await {
@@ -2069,7 +2149,7 @@ impl Engine {
                 Ok((_, _, other)) => warn!(%id, "unexpected agent answer on reattach: {other:?}"),
                 Err(e) => warn!(%id, "cannot reach the agent of a running VM: {e}"),
             }
-            vessel_vm::kill_vm(pid, &id);
+            vessel_vm::kill_vm(pid, &vm_name);
         }
         let rec = h.update(|r| {
             r.state.status = Status::Exited;

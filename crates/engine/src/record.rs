@@ -64,7 +64,7 @@ pub struct StateRecord {
 }
 
 /// How the container's VM is shaped.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct VmShape {
     /// Guest memory.
     pub memory_mib: u64,
@@ -103,9 +103,22 @@ pub struct ContainerRecord {
     /// than `always`-at-daemon-start leave it alone.
     #[serde(default)]
     pub manually_stopped: bool,
+    /// The writable disk is as `create` made it: no VM has used it yet, so
+    /// a warm VM's equally fresh disk may take its place.
+    #[serde(default)]
+    pub fresh_upper: bool,
+    /// The name the current VM runs under, when it is not the container id
+    /// (a warm VM started before its container existed).
+    #[serde(default)]
+    pub vm_name: Option<String>,
 }
 
 impl ContainerRecord {
+    /// The name of the container's VM process (see [`vessel_vm::vm_alive`]).
+    pub fn vm_name(&self) -> &str {
+        self.vm_name.as_deref().unwrap_or(&self.id)
+    }
+
     /// The restart policy's name (`no`, `always`, `unless-stopped`, `on-failure`).
     pub fn restart_policy(&self) -> (String, i64) {
         match &self.host_config.restart_policy {

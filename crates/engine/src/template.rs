@@ -167,6 +167,7 @@ impl Templates {
                 boot: Boot::Template {
                     memory: memory.clone(),
                 },
+                background: false,
             };
             let r = self
                 .hv

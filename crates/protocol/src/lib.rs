@@ -174,7 +174,13 @@ pub enum HostMsg {
         /// 16 random bytes, hex encoded (32 characters).
         nonce: String,
     },
-    /// Prepare the root filesystem and start the container's process.
+    /// Mount the root filesystem now, ahead of `Start`: a warm VM waiting
+    /// for its container. The agent answers [`GuestMsg::Prepared`] or
+    /// [`GuestMsg::Error`]. A later `Start` uses the mounted root and takes
+    /// its identity (clock, entropy, hostname, machine-id) then.
+    Prepare(RootfsSpec),
+    /// Prepare the root filesystem (unless `Prepare` did) and start the
+    /// container's process.
     Start(Box<ProcessSpec>),
     /// The host will send no more standard input.
     CloseStdin,
@@ -233,6 +239,8 @@ pub enum GuestMsg {
         /// The state of the container's process.
         process: ProcessState,
     },
+    /// The root filesystem asked for by `Prepare` is mounted.
+    Prepared,
     /// The process was started.
     Started {
         /// Its PID inside the guest.

@@ -59,6 +59,11 @@ struct DaemonArgs {
     /// instead of booting a kernel (`--vm-templates=false` always boots).
     #[arg(long = "vm-templates", default_value_t = true, action = clap::ArgAction::Set)]
     vm_templates: bool,
+    /// Template clones kept started, with the image mounted, per recently
+    /// run (image, VM shape), so a container's first start takes one
+    /// instead of starting a VM (0 turns this off; needs --vm-templates).
+    #[arg(long = "warm-vms", default_value_t = 1)]
+    warm_vms: usize,
     /// Write the daemon's PID to this file (dockerd's -p/--pidfile).
     #[arg(short = 'p', long = "pidfile")]
     pidfile: Option<PathBuf>,
@@ -96,6 +101,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         default_memory_mib: args.default_memory,
         default_vcpus: args.default_cpus.max(1),
         templates: args.vm_templates,
+        warm_vms: args.warm_vms,
     };
     let engine = Engine::open(cfg).await.context("starting the engine")?;
     let facts = engine.facts();
@@ -116,7 +122,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             .with_context(|| format!("write {}", p.display()))?;
     }
     info!(socket = %sock.display(), "API listening");
-    let app = vessel_api::service(engine);
+    let app = vessel_api::service(engine.clone());
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -130,6 +136,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         r = axum::serve(listener, app) => r.context("serving the API")?,
         _ = shutdown => {}
     }
+    engine.shutdown();
     let _ = std::fs::remove_file(&sock);
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

@@ -1,5 +1,6 @@
 //! VM templates: containers start as clones of a booted VM, each with its
-//! own identity; without templates they boot their kernel.
+//! own identity; without templates they boot their kernel. Warm VMs (clones
+//! made ahead, with the image mounted) take a container's first start.
 
 mod common;
 
@@ -15,7 +16,7 @@ fn wait_for_template(d: &Daemon) {
 
 #[test]
 fn clones_have_their_own_identity() {
-    let d = Daemon::start();
+    let d = Daemon::start_with(&["--warm-vms", "0"]);
     d.load_busybox(&["busybox:latest"]);
     wait_for_template(&d);
     let probe = "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
@@ -121,4 +122,82 @@ fn templates_survive_a_daemon_restart_and_can_be_disabled() {
         log.contains("boot=\"cold\"") && !log.contains("VM template"),
         "{log}"
     );
+}
+
+fn wait_for_warm(d: &Daemon, n: usize) {
+    assert!(
+        eventually(120, || d.log().matches("warm VM ready").count() >= n),
+        "no warm VM: {}",
+        d.log()
+    );
+}
+
+#[test]
+fn warm_vms_take_first_starts_with_their_own_identity() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    wait_for_template(&d);
+    // Created before any warm VM exists: its start will find one later.
+    let early = d.ok(&["create", "busybox", "sh", "-c", "cat /etc/hostname"]);
+    let early = early.trim();
+    // The first run of the image is a clone and makes a warm VM after it.
+    d.ok(&["run", "--rm", "busybox", "true"]);
+    wait_for_warm(&d, 1);
+    let probe = "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                 date +%s; hostname; echo $$-$RANDOM > /tmp/mine; ls /tmp; cat /etc/machine-id";
+    let a = d.ok(&["run", "--rm", "--name", "warm-a", "busybox", "sh", "-c", probe]);
+    wait_for_warm(&d, 2);
+    let b = d.ok(&["run", "--rm", "--hostname", "bee", "busybox", "sh", "-c", probe]);
+    let log = d.log();
+    assert_eq!(log.matches("boot=\"warm\"").count(), 2, "{log}");
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    assert_ne!(a[0], b[0], "boot_id shared between warm VMs");
+    assert_ne!(a[1], b[1], "random bytes shared between warm VMs");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs();
+    for vm in [&a, &b] {
+        let t: u64 = vm[2].parse().expect("date");
+        assert!(t.abs_diff(now) < 30, "warm VM clock is off: {t} vs {now}");
+        assert_eq!(vm[4], "mine", "another container's files are visible: {vm:?}");
+    }
+    assert_eq!(a[3].len(), 12, "hostname is the container id: {a:?}");
+    assert_eq!(b[3], "bee");
+    assert_eq!(a[5].len(), 32, "machine-id: {a:?}");
+    assert_ne!(a[5], b[5], "machine-id shared between warm VMs");
+
+    // A container created earlier takes a warm VM at its first start and
+    // gets its own hostname.
+    wait_for_warm(&d, 3);
+    let out = d.ok(&["start", "-a", early]);
+    assert_eq!(out.trim(), &early[..12]);
+    assert_eq!(d.log().matches("boot=\"warm\"").count(), 3);
+
+    // A second start keeps the container's own disk: no warm VM for it.
+    wait_for_warm(&d, 4);
+    let script = "if [ -f /seen ]; then echo again; else touch /seen; echo first; fi";
+    assert_eq!(d.ok(&["run", "--name", "twice", "busybox", "sh", "-c", script]), "first\n");
+    assert_eq!(d.ok(&["start", "-a", "twice"]), "again\n");
+    let log = d.log();
+    assert_eq!(log.matches("boot=\"warm\"").count(), 4, "{log}");
+    assert_eq!(log.matches("boot=\"clone\"").count(), 2, "{log}");
+
+    // Removing the image ends its warm VMs.
+    d.ok(&["rm", "-f", "twice", early]);
+    wait_for_warm(&d, 5);
+    d.ok(&["rmi", "busybox"]);
+    assert!(
+        eventually(20, || !vm_running(&d, "vessel-warm-")),
+        "a warm VM outlived its image"
+    );
+}
+
+fn vm_running(d: &Daemon, pattern: &str) -> bool {
+    let out = std::process::Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("{pattern}.*{}", d.data_root().display()))
+        .output()
+        .expect("pgrep");
+    !out.stdout.is_empty()
 }

@@ -76,6 +76,9 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// Boot from the kernel, or restore a booted template.
     pub boot: Boot,
+    /// Run at a low CPU priority (nice 10) until [`set_foreground`]: a VM
+    /// made ahead of time must not slow down the containers running now.
+    pub background: bool,
 }
 
 /// How a VM comes to life.
@@ -142,6 +145,21 @@ pub fn vm_alive(pid: u32, name: &str) -> bool {
             .starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// Gives every thread of VM `pid` the normal CPU priority again (see
+/// [`VmSpec::background`]).
+pub fn set_foreground(pid: u32) -> std::io::Result<()> {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(tid) = e?.file_name().to_string_lossy().parse::<libc::id_t>() else {
+            continue;
+        };
+        // SAFETY: setpriority(2) on a thread id; no memory is involved.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Kills a VM process with SIGKILL if it is still the VM named `name`.

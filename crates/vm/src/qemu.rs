@@ -204,7 +204,20 @@ impl Hypervisor for Qemu {
         let log2 = log
             .try_clone()
             .map_err(|e| VmError::io("dup qemu log", e))?;
-        let mut child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        if spec.background {
+            // SAFETY: setpriority(2) is async-signal-safe and touches no
+            // memory of the parent; it runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, 10) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(self.args(spec))
             .stdin(Stdio::null())
             .stdout(log)
@@ -345,6 +358,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 2,
             boot: Boot::Cold,
+            background: false,
         }
     }
 
