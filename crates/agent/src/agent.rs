@@ -74,6 +74,8 @@ struct State {
     exit: Option<(i32, bool)>,
     /// Execs by id, until their `ExecExited` is sent.
     execs: HashMap<u32, ExecProc>,
+    /// Stdin of `CopyIn` children by copy id.
+    copies: HashMap<u32, mpsc::Sender<StdinCmd>>,
 }
 
 impl State {
@@ -116,7 +118,7 @@ impl Agent {
     }
 
     /// Handles one control message.
-    pub fn handle(&self, msg: HostMsg) {
+    pub fn handle(self: &Arc<Self>, msg: HostMsg) {
         match msg {
             HostMsg::Hello { nonce } => self.hello(&nonce),
             HostMsg::Prepare(rootfs) => self.prepare(&rootfs),
@@ -138,11 +140,20 @@ impl Agent {
             HostMsg::Signal { signal } => self.signal(signal),
             HostMsg::Exec { exec_id, spec } => self.exec(exec_id, &spec),
             HostMsg::ExecCloseStdin { exec_id } => {
-                let st = self.state();
+                let mut st = self.state();
                 if let Some(tx) = st.execs.get(&exec_id).and_then(|e| e.stdin.as_ref()) {
+                    let _ = tx.send(StdinCmd::Close);
+                } else if let Some(tx) = st.copies.remove(&exec_id) {
                     let _ = tx.send(StdinCmd::Close);
                 }
             }
+            HostMsg::CopyStat { copy_id, path } => self.copy_stat(copy_id, &path),
+            HostMsg::CopyOut { copy_id, path } => self.copy_out(copy_id, path),
+            HostMsg::CopyIn {
+                copy_id,
+                path,
+                keep_owners,
+            } => self.copy_in(copy_id, path, keep_owners),
             HostMsg::ExecResize {
                 exec_id,
                 rows,
@@ -182,7 +193,125 @@ impl Agent {
         let st = self.state();
         if let Some(tx) = st.execs.get(&exec_id).and_then(|e| e.stdin.as_ref()) {
             let _ = tx.send(StdinCmd::Data(data.to_vec()));
+        } else if let Some(tx) = st.copies.get(&exec_id) {
+            let _ = tx.send(StdinCmd::Data(data.to_vec()));
         }
+    }
+
+    fn copy_done(&self, copy_id: u32, result: Result<(), std::io::Error>, not_dir: bool) {
+        let (error, not_found) = match result {
+            Ok(()) => (None, false),
+            Err(e) => (
+                Some(e.to_string()),
+                e.kind() == std::io::ErrorKind::NotFound,
+            ),
+        };
+        self.writer.send(&GuestMsg::CopyDone {
+            copy_id,
+            error,
+            not_found,
+            not_dir,
+        });
+    }
+
+    fn copy_root(&self) -> std::io::Result<PathBuf> {
+        self.state().rootfs.clone().ok_or_else(|| {
+            std::io::Error::other("the container's root filesystem is not mounted")
+        })
+    }
+
+    fn copy_stat(&self, copy_id: u32, path: &str) {
+        match self.copy_root().and_then(|root| crate::copy::stat(&root, path)) {
+            Ok(stat) => self.writer.send(&GuestMsg::CopyStat { copy_id, stat }),
+            Err(e) => self.copy_done(copy_id, Err(e), false),
+        }
+    }
+
+    /// Streams `path` as a tar (on a thread: the main loop keeps reading).
+    fn copy_out(self: &Arc<Self>, copy_id: u32, path: String) {
+        let agent = self.clone();
+        std::thread::spawn(move || {
+            let result = (|| -> std::io::Result<()> {
+                let root = agent.copy_root()?;
+                let stat = crate::copy::stat(&root, &path)?;
+                agent.writer.send(&GuestMsg::CopyStat { copy_id, stat });
+                let mut child = crate::copy::spawn(crate::copy::COPY_OUT_ARG, &root, &path)?;
+                let mut out = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| std::io::Error::other("no stdout"))?;
+                let mut buf = vec![0u8; 64 * 1024];
+                let open = AtomicBool::new(false);
+                loop {
+                    let n = std::io::Read::read(&mut out, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    agent
+                        .writer
+                        .send_exec(vessel_protocol::FrameKind::ExecStdout, copy_id, &buf[..n], &open)?;
+                }
+                match crate::copy::child_error(&mut child) {
+                    e if e.is_empty() => Ok(()),
+                    e => Err(std::io::Error::other(e)),
+                }
+            })();
+            agent.copy_done(copy_id, result, false);
+        });
+    }
+
+    /// Extracts the tar that follows into directory `path`.
+    fn copy_in(self: &Arc<Self>, copy_id: u32, path: String, keep_owners: bool) {
+        let started = (|| -> std::io::Result<std::process::Child> {
+            let root = self.copy_root()?;
+            if !crate::copy::is_dir(&root, &path)? {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    format!("extraction point is not a directory: {path}"),
+                ));
+            }
+            let arg = if keep_owners {
+                crate::copy::COPY_IN_OWNERS_ARG
+            } else {
+                crate::copy::COPY_IN_ARG
+            };
+            crate::copy::spawn(arg, &root, &path)
+        })();
+        let mut child = match started {
+            Ok(c) => c,
+            Err(e) => {
+                let not_dir = e.kind() == std::io::ErrorKind::NotADirectory;
+                return self.copy_done(copy_id, Err(e), not_dir);
+            }
+        };
+        let Some(stdin) = child.stdin.take() else {
+            return self.copy_done(copy_id, Err(std::io::Error::other("no stdin")), false);
+        };
+        let (tx, rx) = mpsc::channel::<StdinCmd>();
+        self.state().copies.insert(copy_id, tx);
+        let agent = self.clone();
+        std::thread::spawn(move || {
+            let mut stdin = Some(stdin);
+            for cmd in rx {
+                match cmd {
+                    StdinCmd::Data(bytes) => {
+                        if let Some(f) = stdin.as_mut() {
+                            if std::io::Write::write_all(f, &bytes).is_err() {
+                                stdin = None;
+                            }
+                        }
+                    }
+                    StdinCmd::Close => break,
+                }
+            }
+            drop(stdin);
+            let result = match crate::copy::child_error(&mut child) {
+                e if e.is_empty() => Ok(()),
+                e => Err(std::io::Error::other(e)),
+            };
+            agent.state().copies.remove(&copy_id);
+            agent.copy_done(copy_id, result, false);
+        });
     }
 
     /// Answers `Hello`: the sync marker, every unacknowledged output frame

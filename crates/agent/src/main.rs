@@ -31,6 +31,7 @@
 mod agent;
 mod channel;
 mod command;
+mod copy;
 mod process;
 mod rootfs;
 mod system;
@@ -48,8 +49,13 @@ macro_rules! log {
 use vessel_protocol::{Decoder, FrameKind, SYNC_MAGIC};
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some(agent::WARM_UP_ARG) {
-        return;
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some(agent::WARM_UP_ARG) => return,
+        Some(copy::COPY_OUT_ARG) | Some(copy::COPY_IN_ARG) | Some(copy::COPY_IN_OWNERS_ARG) => {
+            std::process::exit(copy::child_main(&args));
+        }
+        _ => {}
     }
     std::panic::set_hook(Box::new(|info| {
         log!("panic: {info}");

@@ -147,6 +147,10 @@ pub fn service(engine: Engine) -> Router {
         .route("/containers/create", post(container_create))
         .route("/containers/prune", post(containers_prune))
         .route("/containers/{id}/rename", post(container_rename))
+        .route(
+            "/containers/{id}/archive",
+            get(archive_get).head(archive_head).put(archive_put),
+        )
         .route("/containers/{id}/pause", post(container_pause))
         .route("/containers/{id}/update", post(container_update))
         .route("/containers/{id}/unpause", post(container_unpause))
@@ -774,6 +778,90 @@ async fn container_update(
         serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))?;
     let warnings = s.engine.update(&id, body).await?;
     Ok(axum::Json(serde_json::json!({ "Warnings": warnings })).into_response())
+}
+
+fn archive_path(req: &Request) -> ApiResult<String> {
+    match Query::of(req.uri()).get("path") {
+        Some(p) if !p.is_empty() => Ok(p.to_string()),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad parameter: path cannot be empty",
+        )),
+    }
+}
+
+/// Docker's `X-Docker-Container-Path-Stat`: base64 of the stat's JSON.
+fn path_stat_header(stat: &vessel_engine::PathStat) -> String {
+    use base64::Engine as _;
+    let mtime = chrono::DateTime::from_timestamp(
+        stat.mtime_unix_ns.div_euclid(1_000_000_000),
+        stat.mtime_unix_ns.rem_euclid(1_000_000_000) as u32,
+    )
+    .unwrap_or_default()
+    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let json = serde_json::json!({
+        "name": stat.name,
+        "size": stat.size,
+        "mode": stat.mode,
+        "mtime": mtime,
+        "linkTarget": stat.link_target,
+    });
+    base64::engine::general_purpose::STANDARD.encode(json.to_string())
+}
+
+const PATH_STAT: &str = "X-Docker-Container-Path-Stat";
+
+async fn archive_head(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let path = archive_path(&req)?;
+    let stat = s.engine.archive_stat(&id, &path).await?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(PATH_STAT, path_stat_header(&stat))
+        .body(Body::empty())
+        .unwrap_or_default())
+}
+
+async fn archive_get(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let path = archive_path(&req)?;
+    let archive = s.engine.archive_get(&id, &path).await?;
+    let stream = tokio_stream_of(archive.data).map(|r| r.map_err(std::io::Error::other));
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .header(PATH_STAT, path_stat_header(&archive.stat))
+        .body(Body::from_stream(stream))
+        .unwrap_or_default())
+}
+
+fn tokio_stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn archive_put(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<StatusCode> {
+    let path = archive_path(&req)?;
+    let keep_owners = Query::of(req.uri()).flag("copyUIDGID");
+    let body = req
+        .into_body()
+        .into_data_stream()
+        .map(|r| r.map_err(|e| e.to_string()));
+    s.engine
+        .archive_put(&id, &path, keep_owners, Box::pin(body))
+        .await?;
+    Ok(StatusCode::OK)
 }
 
 async fn container_pause(

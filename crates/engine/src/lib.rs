@@ -10,6 +10,7 @@
 //! It must not speak HTTP or know about the Docker API's wire formats beyond
 //! the model types it returns: that is the API layer's job.
 
+mod copy;
 mod events;
 mod exec;
 mod health;
@@ -44,6 +45,8 @@ pub use bollard_stubs::models::EventMessageTypeEnum as EventType;
 pub use events::Events;
 pub use exec::{ExecHandle, ExecState};
 pub use logs::LogEntry;
+pub use copy::ArchiveStream;
+pub use vessel_protocol::PathStat;
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
 
 /// Default guest memory when `--memory` is not given.
@@ -162,7 +165,7 @@ struct Live {
 struct Handle {
     id: String,
     record: Mutex<ContainerRecord>,
-    op: tokio::sync::Mutex<()>,
+    op: Arc<tokio::sync::Mutex<()>>,
     live: tokio::sync::Mutex<Live>,
     output: broadcast::Sender<Output>,
     status: watch::Sender<Watch>,
@@ -180,7 +183,7 @@ impl Handle {
         Arc::new(Self {
             id: rec.id.clone(),
             record: Mutex::new(rec),
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
             live: tokio::sync::Mutex::new(Live::default()),
             output: broadcast::channel(4096).0,
             status: watch::channel(w).0,
@@ -272,6 +275,8 @@ struct Inner {
     guest_kernel: String,
     templates: Option<Arc<template::Templates>>,
     pool: Option<pool::Pool>,
+    /// Copies (`docker cp`) under way, by copy id.
+    copies: Mutex<HashMap<u32, tokio::sync::mpsc::UnboundedSender<copy::CopyEvent>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
     events: Events,
     next_exec: std::sync::atomic::AtomicU32,
@@ -388,6 +393,7 @@ impl Engine {
                 guest_kernel,
                 templates,
                 pool,
+                copies: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
                 events: Events::default(),
                 next_exec: std::sync::atomic::AtomicU32::new(0),
@@ -1405,6 +1411,8 @@ impl Engine {
                 Ok(Some(Incoming::ExecStdout { exec_id, data })) => {
                     if let Some(e) = self.exec_by_num(&id, exec_id) {
                         let _ = e.output.send(Output::Stdout(Bytes::from(data)));
+                    } else {
+                        self.copy_event(exec_id, copy::CopyEvent::Data(data));
                     }
                 }
                 Ok(Some(Incoming::ExecStderr { exec_id, data })) => {
@@ -1438,6 +1446,24 @@ impl Engine {
                 }
                 Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => {
                     warn!(%id, "guest agent: {message}")
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::CopyStat { copy_id, stat }))) => {
+                    self.copy_event(copy_id, copy::CopyEvent::Stat(stat));
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::CopyDone {
+                    copy_id,
+                    error,
+                    not_found,
+                    not_dir,
+                }))) => {
+                    self.copy_event(
+                        copy_id,
+                        copy::CopyEvent::Done {
+                            error,
+                            not_found,
+                            not_dir,
+                        },
+                    );
                 }
                 Ok(Some(Incoming::Msg(other))) => warn!(%id, "unexpected agent message: {other:?}"),
                 Ok(None) => break,

@@ -219,6 +219,36 @@ pub enum HostMsg {
         /// Columns.
         cols: u16,
     },
+    /// `docker cp` stat: answer [`GuestMsg::CopyStat`] or [`GuestMsg::CopyDone`]
+    /// with the error.
+    CopyStat {
+        /// Host-chosen id, from the same space as exec ids.
+        copy_id: u32,
+        /// Path in the container.
+        path: String,
+    },
+    /// `docker cp` out of the container: answer [`GuestMsg::CopyStat`], then
+    /// the tar archive of `path` in `ExecStdout` frames carrying `copy_id`,
+    /// then [`GuestMsg::CopyDone`].
+    CopyOut {
+        /// Host-chosen id, from the same space as exec ids.
+        copy_id: u32,
+        /// Path in the container.
+        path: String,
+    },
+    /// `docker cp` into the container: a tar archive follows in `ExecStdin`
+    /// frames carrying `copy_id`, ended by `ExecCloseStdin`; the agent
+    /// extracts it into directory `path` and answers [`GuestMsg::CopyDone`].
+    CopyIn {
+        /// Host-chosen id, from the same space as exec ids.
+        copy_id: u32,
+        /// Directory in the container.
+        path: String,
+        /// Keep the archive's owners (`docker cp -a`); otherwise everything
+        /// extracted belongs to root, as with Docker.
+        #[serde(default)]
+        keep_owners: bool,
+    },
     /// The host has durably handled every output frame up to and including
     /// `seq`: the agent may forget them (see the crate docs, "Acknowledgement
     /// and replay").
@@ -241,6 +271,24 @@ pub enum GuestMsg {
     },
     /// The root filesystem asked for by `Prepare` is mounted.
     Prepared,
+    /// The stat of a `CopyStat` or `CopyOut` path.
+    CopyStat {
+        /// Copy id.
+        copy_id: u32,
+        /// What Docker's `X-Docker-Container-Path-Stat` header carries.
+        stat: PathStat,
+    },
+    /// A copy finished (every data frame of a `CopyOut` came before this).
+    CopyDone {
+        /// Copy id.
+        copy_id: u32,
+        /// Why it failed, if it did.
+        error: Option<String>,
+        /// The path does not exist.
+        not_found: bool,
+        /// The `CopyIn` destination is not a directory.
+        not_dir: bool,
+    },
     /// The process was started.
     Started {
         /// Its PID inside the guest.
@@ -393,6 +441,22 @@ pub fn split_exec_data(payload: &[u8]) -> Option<(u32, &[u8])> {
     }
     let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
     Some((id, &payload[4..]))
+}
+
+/// A path's stat as `docker cp` needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathStat {
+    /// Last path component.
+    pub name: String,
+    /// Size in bytes.
+    pub size: i64,
+    /// Go `os.FileMode` bits: permissions plus type bits (directory is 1<<31,
+    /// symlink 1<<27, ...), as Docker encodes them.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_unix_ns: i64,
+    /// Target of a symlink, else empty.
+    pub link_target: String,
 }
 
 /// How the guest builds the container's root filesystem.
