@@ -25,6 +25,9 @@ pub enum Error {
     /// The operation conflicts with the store state (Engine API 409); Docker's wording.
     #[error("{0}")]
     Conflict(String),
+    /// A pulled image is inconsistent (its layers do not match its config, ...).
+    #[error("{0}")]
+    InvalidImage(String),
     /// Building the boot disk failed (mke2fs).
     #[error("building boot disk: {0}")]
     Disk(String),

@@ -5,8 +5,15 @@
 //! - `layers/sha256/<diffid-hex>.tar`: uncompressed layer tars, shared between images
 //! - `disks/<image-id-hex>.ext4`: read-only boot disk
 //! - `images/<image-id-hex>.json`: per-image metadata ([`Meta`])
-//! - `repositories.json`: familiar reference → image id
-//! - `tmp/`: staging, emptied by [`ImageStore::open`]
+//! - `repositories.json`: familiar reference → image id; tags (`busybox:latest`)
+//!   and repo digests (`busybox@sha256:<manifest digest>`) live in the same table,
+//!   as in Docker's reference store
+//! - `distribution.json`: which compressed registry blob is which layer, per
+//!   registry repository ([`BlobRecord`]), for pull skips and push mounts
+//! - `tmp/`: staging (loads, pulls, downloads), emptied by [`ImageStore::open`]
+//!
+//! Garbage collection: removing an image deletes its config blob, its boot
+//! disk, and every layer tar (with its blob records) no remaining image uses.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
@@ -24,6 +31,13 @@ use crate::error::{Error, IoContext, Result};
 use crate::extract::{decompress, extract_archive};
 use crate::reference::{is_hex64, Reference};
 
+mod distribution;
+mod maintenance;
+mod save;
+
+pub use distribution::{BlobRecord, CommitOutcome, PulledImage, PulledLayer, StagedLayer};
+pub use maintenance::{DiskUsage, HistoryItem, ImageUsage, PruneFilters, PruneReport};
+
 /// A stored image, as the API needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image {
@@ -31,7 +45,8 @@ pub struct Image {
     pub id: String,
     /// Familiar form, sorted: `busybox:latest`, `localhost:5000/a/b:t`.
     pub repo_tags: Vec<String>,
-    /// Always empty for now (no registry pulls yet).
+    /// Familiar repo digests, sorted: `busybox@sha256:<manifest digest>` (recorded
+    /// by pulls and pushes).
     pub repo_digests: Vec<String>,
     /// RFC 3339 (from the config's `created`, else the time it was stored).
     pub created: String,
@@ -191,9 +206,48 @@ struct Meta {
 
 #[derive(Default, Clone)]
 struct State {
-    /// familiar reference (`busybox:latest`) → image id hex
+    /// familiar reference (`busybox:latest`, `busybox@sha256:...`) → image id hex
     repos: BTreeMap<String, String>,
     images: HashMap<String, Meta>,
+    /// diff id hex → compressed blobs known to hold that layer
+    blobs: BTreeMap<String, Vec<BlobRecord>>,
+}
+
+/// A reference key of `State::repos` is a repo digest (`name@sha256:...`), not a tag.
+fn is_digest_ref(key: &str) -> bool {
+    key.contains('@')
+}
+
+/// The repository name of a reference key: `busybox` for `busybox:latest` and
+/// `busybox@sha256:...`, `localhost:5000/a` for `localhost:5000/a:t`.
+fn ref_repo_name(key: &str) -> &str {
+    let name = key.split_once('@').map_or(key, |(n, _)| n);
+    match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => &name[..i],
+        _ => name,
+    }
+}
+
+/// Docker's `isSingleReference`: at most one tag, and every reference (tags
+/// and digests) in the same repository.
+fn is_single_reference(refs: &[String]) -> bool {
+    if refs.len() <= 1 {
+        return refs.len() == 1;
+    }
+    let mut single: Option<&str> = None;
+    let mut names = HashSet::new();
+    for r in refs {
+        if is_digest_ref(r) {
+            names.insert(ref_repo_name(r));
+        } else if single.is_none() {
+            names.insert(ref_repo_name(r));
+            single = Some(r);
+        } else {
+            return false;
+        }
+    }
+    let single = single.unwrap_or(&refs[0]);
+    names.len() == 1 && names.contains(ref_repo_name(single))
 }
 
 /// The image store. `Send + Sync`; all methods block.
@@ -268,7 +322,7 @@ fn short(id: &str) -> &str {
 }
 
 /// A staged layer: uncompressed tar at `path` (in staging, or already in the store).
-struct StagedLayer {
+struct LayerEntry {
     diff: String,
     size: u64,
     path: PathBuf,
@@ -279,7 +333,7 @@ struct StagedLayer {
 struct StagedImage {
     hex: String,
     config: Vec<u8>,
-    layers: Vec<StagedLayer>,
+    layers: Vec<LayerEntry>,
     disk: Option<PathBuf>,
     tags: Vec<Reference>,
     created: Option<String>,
@@ -340,6 +394,28 @@ impl ImageStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).ctx(|| format!("reading {}", repos_path.display())),
         }
+        let dist_path = root.join(distribution::FILE);
+        match fs::read(&dist_path) {
+            Ok(data) => {
+                let records: Vec<BlobRecord> = serde_json::from_slice(&data)
+                    .map_err(|e| Error::Corrupt(format!("{}: {e}", dist_path.display())))?;
+                let used: HashSet<&String> = state
+                    .images
+                    .values()
+                    .flat_map(|m| m.layers.iter())
+                    .collect();
+                for r in records {
+                    let Some(hex) = r.diff_id.strip_prefix("sha256:") else {
+                        continue;
+                    };
+                    if used.contains(&hex.to_string()) {
+                        state.blobs.entry(hex.to_string()).or_default().push(r);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx(|| format!("reading {}", dist_path.display())),
+        }
         Ok(ImageStore {
             root,
             state: RwLock::new(state),
@@ -384,7 +460,7 @@ impl ImageStore {
     }
 
     /// Decompress `reader` into `out`, returning (diff id hex, size, blob digest hex).
-    fn stage_layer<R: Read>(reader: R, out: &Path) -> Result<(String, u64, String)> {
+    fn stage_layer_into<R: Read>(reader: R, out: &Path) -> Result<(String, u64, String)> {
         let mut raw = HashReader {
             inner: reader,
             hasher: Sha256::new(),
@@ -455,7 +531,7 @@ impl ImageStore {
                 if let Some(m) = existing.as_ref().filter(|m| m.layers.get(i) == Some(diff)) {
                     let path = self.layer_path(diff);
                     if path.is_file() {
-                        layers.push(StagedLayer {
+                        layers.push(LayerEntry {
                             diff: diff.clone(),
                             size: m.layer_sizes.get(i).copied().unwrap_or(0),
                             path,
@@ -465,7 +541,7 @@ impl ImageStore {
                     }
                 }
                 if let Some((path, size)) = staged_layers.get(diff) {
-                    layers.push(StagedLayer {
+                    layers.push(LayerEntry {
                         diff: diff.clone(),
                         size: *size,
                         path: path.clone(),
@@ -476,8 +552,8 @@ impl ImageStore {
                 let out = out_dir.join(format!("{diff}.tar"));
                 let f =
                     File::open(&blob.path).ctx(|| format!("opening {}", blob.path.display()))?;
-                let (got, size, blob_hex) =
-                    Self::stage_layer(BufReader::new(f), &out).map_err(|e| match e {
+                let (got, size, blob_hex) = Self::stage_layer_into(BufReader::new(f), &out)
+                    .map_err(|e| match e {
                         Error::InvalidLayer(m) | Error::InvalidArchive(m) => {
                             Error::InvalidArchive(m)
                         }
@@ -496,7 +572,7 @@ impl ImageStore {
                     )));
                 }
                 staged_layers.insert(diff.clone(), (out.clone(), size));
-                layers.push(StagedLayer {
+                layers.push(LayerEntry {
                     diff: diff.clone(),
                     size,
                     path: out,
@@ -633,7 +709,7 @@ impl ImageStore {
         crate::changes::apply_changes(&mut cc, changes)?;
         let staging = self.staging("import")?;
         let layer = staging.0.join("layer.tar");
-        let (diff, size, _) = Self::stage_layer(reader, &layer)?;
+        let (diff, size, _) = Self::stage_layer_into(reader, &layer)?;
         let now = now_rfc3339();
         let comment = if message.is_empty() {
             "Imported from -".to_string()
@@ -655,7 +731,7 @@ impl ImageStore {
         let staged = StagedImage {
             hex: hex.clone(),
             config: bytes,
-            layers: vec![StagedLayer {
+            layers: vec![LayerEntry {
                 diff,
                 size,
                 path: layer,
@@ -707,9 +783,13 @@ impl ImageStore {
         }
         if let Ok(r) = Reference::parse(name) {
             let r = r.with_default_tag();
-            if r.digest.is_some() {
-                // No repo digests are recorded yet.
-                return Err(not_found());
+            if let Some(d) = &r.digest {
+                // Repo digests are keyed without the tag: `name@sha256:...`.
+                let key = format!("{}@{d}", r.familiar_name());
+                return match st.repos.get(&key) {
+                    Some(h) => Ok((h.clone(), Some(key))),
+                    None => Err(not_found()),
+                };
             }
             let fam = r.familiar();
             if let Some(h) = st.repos.get(&fam) {
@@ -748,16 +828,16 @@ impl ImageStore {
             .map_err(|e| Error::Corrupt(format!("{}: {e}", bp.display())))?;
         let (config, diffs, created) =
             parse_config(&raw).map_err(|e| Error::Corrupt(format!("{}: {e}", bp.display())))?;
-        let repo_tags = st
+        let (repo_digests, repo_tags): (Vec<String>, Vec<String>) = st
             .repos
             .iter()
             .filter(|(_, h)| *h == hex)
             .map(|(r, _)| r.clone())
-            .collect();
+            .partition(|r| is_digest_ref(r));
         Ok(Image {
             id: format!("sha256:{hex}"),
             repo_tags,
-            repo_digests: Vec::new(),
+            repo_digests,
             created: created.unwrap_or_else(|| meta.stored.clone()),
             size: meta.layer_sizes.iter().sum(),
             raw_config: raw,
@@ -821,6 +901,11 @@ impl ImageStore {
     /// Remove an image or a reference, with Docker's semantics (see the crate docs).
     /// `users(image_id)` gets `sha256:<hex>` and returns the containers using the
     /// image as (container id, running).
+    ///
+    /// Removing a tag also removes the repo digests of the same repository when
+    /// no other tag of that repository remains (as Docker does). When the image
+    /// itself goes, its config, boot disk and every layer tar (and blob record)
+    /// no remaining image uses are deleted.
     pub fn remove(
         &self,
         name_or_id: &str,
@@ -828,7 +913,19 @@ impl ImageStore {
         users: &dyn Fn(&str) -> Vec<(String, bool)>,
     ) -> Result<Vec<DeleteItem>> {
         let mut st = self.write_state();
-        let (hex, by_ref) = Self::lookup(&st, name_or_id)?;
+        self.remove_locked(&mut st, name_or_id, force, users)
+            .map(|(items, _)| items)
+    }
+
+    /// [`ImageStore::remove`] with the state locked; also returns the bytes freed.
+    fn remove_locked(
+        &self,
+        st: &mut State,
+        name_or_id: &str,
+        force: bool,
+        users: &dyn Fn(&str) -> Vec<(String, bool)>,
+    ) -> Result<(Vec<DeleteItem>, u64)> {
+        let (hex, by_ref) = Self::lookup(st, name_or_id)?;
         let id = format!("sha256:{hex}");
         let refs: Vec<String> = st
             .repos
@@ -850,7 +947,7 @@ impl ImageStore {
         let mut items = Vec::new();
         let before = st.repos.clone();
         if let Some(fam) = by_ref {
-            if !force && refs.len() <= 1 {
+            if !force && is_single_reference(&refs) {
                 if let Some(c) = &any_user {
                     return Err(Error::Conflict(format!(
                         "conflict: unable to remove repository reference \"{name_or_id}\" (must force) - container {c} is using its referenced image {sid}"
@@ -858,13 +955,31 @@ impl ImageStore {
                 }
             }
             st.repos.remove(&fam);
-            items.push(DeleteItem::Untagged(fam));
-            if refs.len() > 1 || any_user.is_some() {
+            items.push(DeleteItem::Untagged(fam.clone()));
+            let mut remaining: Vec<String> = refs.into_iter().filter(|r| *r != fam).collect();
+            if !is_digest_ref(&fam) {
+                // The last tag of a repository takes that repository's digests along.
+                let name = ref_repo_name(&fam);
+                let tag_left = remaining
+                    .iter()
+                    .any(|r| !is_digest_ref(r) && ref_repo_name(r) == name);
+                if !tag_left {
+                    remaining.retain(|r| {
+                        let drop = is_digest_ref(r) && ref_repo_name(r) == name;
+                        if drop {
+                            st.repos.remove(r);
+                            items.push(DeleteItem::Untagged(r.clone()));
+                        }
+                        !drop
+                    });
+                }
+            }
+            if !remaining.is_empty() || any_user.is_some() {
                 // Other references remain, or (forced) containers still need the image:
                 // untag only.
-                self.save_repos(&st)
+                self.save_repos(st)
                     .inspect_err(|_| st.repos = before.clone())?;
-                return Ok(items);
+                return Ok((items, 0));
             }
         } else {
             if let Some(c) = &running {
@@ -873,7 +988,7 @@ impl ImageStore {
                 )));
             }
             if !force {
-                if refs.len() > 1 {
+                if refs.len() > 1 && !is_single_reference(&refs) {
                     return Err(Error::Conflict(format!(
                         "conflict: unable to delete {sid} (must be forced) - image is referenced in multiple repositories"
                     )));
@@ -890,44 +1005,61 @@ impl ImageStore {
             }
             if stopped.is_some() {
                 // Forced with stopped users: keep the image, their boot disk is needed.
-                self.save_repos(&st)
+                self.save_repos(st)
                     .inspect_err(|_| st.repos = before.clone())?;
-                return Ok(items);
+                return Ok((items, 0));
             }
         }
-        self.save_repos(&st)
+        self.save_repos(st)
             .inspect_err(|_| st.repos = before.clone())?;
-        // Delete the image.
-        let meta = st.images.remove(&hex);
-        let mp = self.meta_path(&hex);
+        let freed = self.delete_image(st, &hex)?;
+        items.push(DeleteItem::Deleted(id));
+        Ok((items, freed))
+    }
+
+    /// Forget image `hex` (its references are already gone) and delete the
+    /// files nothing else needs. Returns the bytes freed.
+    fn delete_image(&self, st: &mut State, hex: &str) -> Result<u64> {
+        let meta = st.images.remove(hex);
+        let mp = self.meta_path(hex);
         if let Err(e) = fs::remove_file(&mp) {
             if e.kind() != io::ErrorKind::NotFound {
                 if let Some(m) = meta {
-                    st.images.insert(hex.clone(), m);
+                    st.images.insert(hex.to_string(), m);
                 }
                 return Err(e).ctx(|| format!("removing {}", mp.display()));
             }
         }
-        let still_used: HashSet<&String> =
-            st.images.values().flat_map(|m| m.layers.iter()).collect();
-        let mut garbage = vec![self.blob_path(&hex), self.disk_path(&hex)];
+        let still_used: HashSet<String> = st
+            .images
+            .values()
+            .flat_map(|m| m.layers.iter().cloned())
+            .collect();
+        let mut garbage = vec![self.blob_path(hex), self.disk_path(hex)];
+        let mut dropped_records = false;
         if let Some(m) = &meta {
-            garbage.extend(
-                m.layers
-                    .iter()
-                    .filter(|l| !still_used.contains(l))
-                    .map(|l| self.layer_path(l)),
-            );
+            for l in m.layers.iter().filter(|l| !still_used.contains(*l)) {
+                garbage.push(self.layer_path(l));
+                dropped_records |= st.blobs.remove(l).is_some();
+            }
         }
+        if dropped_records {
+            if let Err(e) = self.save_blobs(st) {
+                tracing::warn!(error = %e, "cannot save blob records");
+            }
+        }
+        let mut freed = 0;
         for p in garbage {
-            if let Err(e) = fs::remove_file(&p) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %p.display(), error = %e, "cannot remove image file");
+            let len = fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
+            match fs::remove_file(&p) {
+                Ok(()) => freed += len,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove image file")
                 }
             }
         }
-        items.push(DeleteItem::Deleted(id));
-        Ok(items)
+        Ok(freed)
     }
 
     /// The image's read-only ext4 boot disk, built if missing.

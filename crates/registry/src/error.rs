@@ -1,0 +1,93 @@
+//! Errors of registry operations. Messages follow Docker's wording where
+//! Docker has one, since the API layer passes them to clients unchanged.
+
+/// Errors of [`crate::pull`], [`crate::push`] and [`crate::check_auth`].
+///
+/// Suggested Engine API status codes when nothing was streamed yet:
+/// `NotFound` → 404, `Unauthorized` → 401 (what `POST /auth` answers),
+/// `InvalidReference`/`InvalidCredentials` → 400, everything else → 500.
+/// Once progress was streamed, Docker sends the message as the stream's
+/// final `{"errorDetail":{"message":..},"error":..}` instead.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The manifest, tag or repository does not exist, or pull access was denied.
+    /// The message is Docker's: `manifest for busybox:nope not found: manifest
+    /// unknown: manifest unknown`, `pull access denied for x, repository does not
+    /// exist or may require 'docker login': denied: ...`, `An image does not
+    /// exist locally with the tag: x` (push).
+    #[error("{0}")]
+    NotFound(String),
+    /// The registry refused the credentials (or none were given where needed).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Content did not match its digest: `filesystem layer verification failed
+    /// for digest sha256:...` (also `image config` and `manifest`).
+    #[error("{kind} verification failed for digest {digest}")]
+    DigestMismatch {
+        /// `filesystem layer`, `image config` or `manifest`.
+        kind: &'static str,
+        /// The expected digest.
+        digest: String,
+    },
+    /// A manifest, config or layer media type this engine cannot use
+    /// (schema 1 manifests, foreign/non-distributable layers, unknown types).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// No manifest of an index/list matches the platform:
+    /// `no matching manifest for linux/amd64 in the manifest list entries`
+    /// (or the single manifest's config is for another platform).
+    #[error("{0}")]
+    NoMatchingPlatform(String),
+    /// The manifest and the image config disagree (`layers from manifest don't
+    /// match image configuration`), or a manifest/config does not parse.
+    #[error("{0}")]
+    InvalidManifest(String),
+    /// The reference does not parse or cannot be used here (Docker's wording).
+    #[error("{0}")]
+    InvalidReference(String),
+    /// An `X-Registry-Auth` header or auth body that does not decode.
+    #[error("{0}")]
+    InvalidCredentials(String),
+    /// The registry answered with an unexpected status or error code:
+    /// `received unexpected HTTP status: 500 Internal Server Error`, or
+    /// `<code>: <message>` when the body carries a registry error.
+    #[error("{0}")]
+    Registry(String),
+    /// Connecting, TLS, or reading failed. `context` is Go-like
+    /// (`Get "https://registry-1.docker.io/v2/"`), `message` the cause chain.
+    #[error("{context}: {message}")]
+    Transport { context: String, message: String },
+    /// The image store failed (or the local image is missing/invalid).
+    #[error(transparent)]
+    Store(#[from] vessel_image::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn transport(context: impl Into<String>, e: &dyn std::error::Error) -> Error {
+        Error::Transport {
+            context: context.into(),
+            message: error_chain(e),
+        }
+    }
+
+    /// Whether trying the same request again (or another endpoint) may help.
+    pub(crate) fn is_transport(&self) -> bool {
+        matches!(self, Error::Transport { .. })
+    }
+}
+
+/// `a: b: c` from an error and its sources, without repeated parts.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
