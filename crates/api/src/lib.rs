@@ -8,6 +8,7 @@
 //! It must not hold state of its own or make decisions about containers:
 //! every request is translated into one engine call.
 
+mod images;
 pub mod stream;
 pub mod version;
 
@@ -22,7 +23,7 @@ use axum::routing::{any, delete, get, post};
 use axum::Router;
 use bollard_stubs::models::{
     ContainerCreateBody, ContainerCreateResponse, ContainerWaitResponse, EventMessage, ExecConfig,
-    ExecStartConfig, ImageDeleteResponseItem, ImageInspect, ImageInspectRootFs, ImageSummary,
+    ExecStartConfig, ImageDeleteResponseItem, ImageInspect, ImageInspectRootFs,
     Runtime, SystemInfo, SystemVersion, SystemVersionComponents, SystemVersionPlatform,
 };
 use bytes::Bytes;
@@ -138,6 +139,10 @@ pub fn service(engine: Engine) -> Router {
         .route("/_ping", get(ping).head(ping))
         .route("/version", get(version))
         .route("/info", get(info))
+        .route("/auth", post(auth))
+        .route("/system/df", get(system_df))
+        .route("/images/get", get(images_save))
+        .route("/images/prune", post(images_prune))
         .route("/events", get(events))
         .route("/images/json", get(images_list))
         .route("/images/load", post(images_load))
@@ -488,34 +493,25 @@ async fn events(State(s): State<AppState>, req: Request) -> ApiResult<Response> 
 
 // ---------------------------------------------------------------- images
 
-fn rfc3339_to_unix(t: &str) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(t)
-        .map(|t| t.timestamp())
-        .unwrap_or(0)
+
+async fn images_list(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    images::list(&s, &Query::of(req.uri())).await
 }
 
-async fn images_list(State(s): State<AppState>) -> axum::Json<Vec<ImageSummary>> {
-    let images = s.engine.images();
-    let list = tokio::task::spawn_blocking(move || images.list())
-        .await
-        .unwrap_or_default();
-    axum::Json(
-        list.into_iter()
-            .map(|i| ImageSummary {
-                containers: s.engine.image_users(&i.id).len() as i64,
-                id: i.id,
-                parent_id: String::new(),
-                repo_tags: i.repo_tags,
-                repo_digests: i.repo_digests,
-                created: rfc3339_to_unix(&i.created),
-                size: i.size as i64,
-                shared_size: -1,
-                labels: i.config.labels.into_iter().collect(),
-                manifests: None,
-                descriptor: None,
-            })
-            .collect(),
-    )
+async fn auth(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    images::auth(&s, &body).await
+}
+
+async fn system_df(State(s): State<AppState>) -> ApiResult<Response> {
+    images::system_df(&s).await
+}
+
+async fn images_save(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    images::save(&s, Query::of(req.uri()).all("names")).await
+}
+
+async fn images_prune(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    images::prune(&s, &Query::of(req.uri())).await
 }
 
 async fn images_dispatch(
@@ -526,22 +522,30 @@ async fn images_dispatch(
     let method = req.method().clone();
     let q = Query::of(req.uri());
     let r = if method == Method::GET {
-        match rest.strip_suffix("/json") {
-            Some(name) => image_inspect(&s, name).await,
-            None => Err(ApiError::new(
+        if let Some(name) = rest.strip_suffix("/json") {
+            image_inspect(&s, name).await
+        } else if let Some(name) = rest.strip_suffix("/history") {
+            images::history(&s, name).await
+        } else if let Some(name) = rest.strip_suffix("/get") {
+            images::save(&s, vec![name.to_string()]).await
+        } else {
+            Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("page not found: {}", req.uri().path()),
-            )),
+            ))
         }
     } else if method == Method::DELETE {
         image_remove(&s, &rest, &q).await
     } else if method == Method::POST {
-        match rest.strip_suffix("/tag") {
-            Some(name) => image_tag(&s, name, &q).await,
-            None => Err(ApiError::new(
+        if let Some(name) = rest.strip_suffix("/tag") {
+            image_tag(&s, name, &q).await
+        } else if let Some(name) = rest.strip_suffix("/push") {
+            images::push(&s, name, &q, req.headers()).await
+        } else {
+            Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("page not found: {}", req.uri().path()),
-            )),
+            ))
         }
     } else {
         Err(ApiError::new(
@@ -671,12 +675,8 @@ async fn images_load(State(s): State<AppState>, req: Request) -> ApiResult<Respo
 
 async fn images_create(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
     let q = Query::of(req.uri());
-    if let Some(image) = q.get("fromImage") {
-        let tag = q.get("tag").unwrap_or("latest");
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("pull access denied for {image}:{tag}: this Vessel daemon has no registry configured (load or import the image instead)"),
-        ));
+    if q.get("fromImage").is_some() {
+        return images::pull(&s, &q, req.headers()).await;
     }
     if q.get("fromSrc") != Some("-") {
         return Err(ApiError::bad("importing from a URL is not supported; send the archive as the request body (fromSrc=-)"));

@@ -121,6 +121,8 @@ pub struct EngineConfig {
     /// Warm VMs kept per (image, VM shape) when templates are on (see
     /// `pool`); 0 turns them off.
     pub warm_vms: usize,
+    /// Registries: mirrors, insecure registries, trusted CAs.
+    pub registry: vessel_registry::RegistryConfig,
 }
 
 /// Output of a container as attach clients see it.
@@ -275,6 +277,7 @@ struct Inner {
     guest_kernel: String,
     templates: Option<Arc<template::Templates>>,
     pool: Option<pool::Pool>,
+    registry: Arc<vessel_registry::Registry>,
     /// Copies (`docker cp`) under way, by copy id.
     copies: Mutex<HashMap<u32, tokio::sync::mpsc::UnboundedSender<copy::CopyEvent>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
@@ -381,6 +384,7 @@ impl Engine {
         } else {
             None
         };
+        let registry = Arc::new(vessel_registry::Registry::new(cfg.registry.clone()));
         let engine = Engine {
             inner: Arc::new(Inner {
                 cfg,
@@ -393,6 +397,7 @@ impl Engine {
                 guest_kernel,
                 templates,
                 pool,
+                registry,
                 copies: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
                 events: Events::default(),
@@ -431,6 +436,16 @@ impl Engine {
     /// How many warm VMs wait for containers now.
     pub fn warm_vms(&self) -> usize {
         self.inner.pool.as_ref().map_or(0, pool::Pool::len)
+    }
+
+    /// The registry client (pull, push, login).
+    pub fn registry(&self) -> Arc<vessel_registry::Registry> {
+        self.inner.registry.clone()
+    }
+
+    /// Ids of the images some container uses.
+    pub fn images_in_use(&self) -> std::collections::HashSet<String> {
+        self.handles().iter().map(|h| h.rec().image_id).collect()
     }
 
     /// The image store.

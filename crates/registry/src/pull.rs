@@ -647,25 +647,39 @@ async fn pull_from(
     if exists {
         let st = store.clone();
         let (id, t, rd) = (image_id.clone(), tag.clone(), repo_digest.clone());
-        blocking(move || {
+        // As Docker: "up to date" only when the reference already named
+        // this image; a new tag for an image we have is "newer".
+        let already = blocking(move || {
+            let already = match &t {
+                Some(t) => st.resolve(t).is_ok_and(|i| i.id == id),
+                None => st.repo_digests(&id).is_ok_and(|d| d.contains(&rd)),
+            };
             if let Some(t) = t {
                 st.tag(&id, &t)?;
             }
             st.add_repo_digest(&id, &rd)?;
-            Ok(())
+            Ok(already)
         })
         .await?;
         progress(Progress::Digest {
             digest: top_digest.clone(),
         });
-        progress(Progress::ImageUpToDate {
-            reference: familiar.clone(),
-        });
+        let status = if already {
+            progress(Progress::ImageUpToDate {
+                reference: familiar.clone(),
+            });
+            PullStatus::UpToDate
+        } else {
+            progress(Progress::DownloadedNewerImage {
+                reference: familiar.clone(),
+            });
+            PullStatus::Downloaded
+        };
         return Ok(PullOutcome {
             image_id,
             digest: top_digest,
             reference: familiar,
-            status: PullStatus::UpToDate,
+            status,
         });
     }
 

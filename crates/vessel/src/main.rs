@@ -36,9 +36,27 @@ struct DaemonArgs {
         default_value = "unix:///run/vessel/vessel.sock"
     )]
     host: String,
-    /// Root of persistent state (dockerd's --data-root).
-    #[arg(long = "data-root", default_value = "/var/lib/vessel")]
-    data_root: PathBuf,
+    /// Root of persistent state (dockerd's --data-root; default
+    /// /var/lib/vessel, or `data-root` of the config file).
+    #[arg(long = "data-root")]
+    data_root: Option<PathBuf>,
+    /// Daemon configuration file, dockerd's daemon.json format (keys
+    /// `registry-mirrors`, `insecure-registries`, `data-root`). A missing
+    /// file at the default path is no error.
+    #[arg(long = "config-file", default_value = DEFAULT_CONFIG_FILE)]
+    config_file: PathBuf,
+    /// A registry mirror for docker.io images (dockerd's --registry-mirror);
+    /// repeatable, added to the config file's.
+    #[arg(long = "registry-mirror")]
+    registry_mirrors: Vec<String>,
+    /// A registry reached without TLS verification or over plain HTTP
+    /// (`host:port` or a CIDR; dockerd's --insecure-registry); repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Extra CAs per registry: `<dir>/<host:port>/*.crt`, as
+    /// /etc/docker/certs.d for dockerd.
+    #[arg(long = "registry-certs-dir", default_value = "/etc/vessel/certs.d")]
+    registry_certs_dir: PathBuf,
     /// Directory holding the guest kernel (`vmlinux`, `release`) and agent (`vessel-init`).
     #[arg(
         long = "guest-dir",
@@ -72,6 +90,35 @@ struct DaemonArgs {
     log_level: String,
 }
 
+const DEFAULT_CONFIG_FILE: &str = "/etc/vessel/daemon.json";
+
+/// The keys of dockerd's daemon.json that Vessel understands.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(rename = "registry-mirrors", default)]
+    registry_mirrors: Vec<String>,
+    #[serde(rename = "insecure-registries", default)]
+    insecure_registries: Vec<String>,
+    #[serde(rename = "data-root")]
+    data_root: Option<PathBuf>,
+}
+
+fn read_config(path: &std::path::Path) -> anyhow::Result<ConfigFile> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && path == std::path::Path::new(DEFAULT_CONFIG_FILE) =>
+        {
+            return Ok(ConfigFile::default())
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    serde_json::from_str(&text)
+        .with_context(|| format!("unable to configure the daemon from {}", path.display()))
+}
+
 fn find_in_path(name: &PathBuf) -> PathBuf {
     if name.components().count() > 1 {
         return name.clone();
@@ -93,8 +140,26 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         );
     };
     let sock = PathBuf::from(sock);
+    let file = read_config(&args.config_file)?;
+    let data_root = match (&args.data_root, &file.data_root) {
+        (Some(_), Some(_)) => bail!(
+            "the following directives are specified both as a flag and in the configuration file: data-root"
+        ),
+        (Some(d), None) | (None, Some(d)) => d.clone(),
+        (None, None) => PathBuf::from("/var/lib/vessel"),
+    };
+    let mut mirrors = file.registry_mirrors;
+    mirrors.extend(args.registry_mirrors.iter().cloned());
+    let mut insecure = file.insecure_registries;
+    insecure.extend(args.insecure_registries.iter().cloned());
+    let registry = vessel_registry::RegistryConfig {
+        mirrors,
+        insecure_registries: insecure,
+        certs_dir: Some(args.registry_certs_dir.clone()),
+        ..Default::default()
+    };
     let cfg = EngineConfig {
-        data_root: args.data_root.clone(),
+        data_root: data_root.clone(),
         kernel: args.guest_dir.join("vmlinux"),
         agent: args.guest_dir.join("vessel-init"),
         qemu: find_in_path(&args.qemu),
@@ -102,10 +167,11 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         default_vcpus: args.default_cpus.max(1),
         templates: args.vm_templates,
         warm_vms: args.warm_vms,
+        registry,
     };
     let engine = Engine::open(cfg).await.context("starting the engine")?;
     let facts = engine.facts();
-    info!(hypervisor = %facts.hypervisor, reason = %facts.accel_reason, data_root = %args.data_root.display(), "engine ready");
+    info!(hypervisor = %facts.hypervisor, reason = %facts.accel_reason, data_root = %data_root.display(), "engine ready");
     if let Some(dir) = sock.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
