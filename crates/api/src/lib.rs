@@ -854,13 +854,22 @@ async fn archive_put(
 ) -> ApiResult<StatusCode> {
     let path = archive_path(&req)?;
     let keep_owners = Query::of(req.uri()).flag("copyUIDGID");
-    let body = req
-        .into_body()
-        .into_data_stream()
-        .map(|r| r.map_err(|e| e.to_string()));
-    s.engine
-        .archive_put(&id, &path, keep_owners, Box::pin(body))
-        .await?;
+    let mut body = Box::pin(
+        req.into_body()
+            .into_data_stream()
+            .map(|r| r.map_err(|e| e.to_string())),
+    );
+    let result = s
+        .engine
+        .archive_put(&id, &path, keep_owners, &mut body)
+        .await;
+    if result.is_err() {
+        // Read what the client still sends, so it sees the answer rather
+        // than a broken pipe (bounded: a minute).
+        let drain = async { while body.next().await.is_some() {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(60), drain).await;
+    }
+    result?;
     Ok(StatusCode::OK)
 }
 
