@@ -852,7 +852,7 @@ impl Engine {
         info!(%id, restart_count = rec.restart_count, "restarting by policy");
         let start: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), EngineError>> + Send + '_>,
-        > = Box::pin(self.start(id));
+        > = Box::pin(self.start_as(id, false));
         if let Err(e) = start.await {
             warn!(%id, "restart by policy failed: {e}");
         }
@@ -1088,13 +1088,22 @@ impl Engine {
 
     /// `POST /containers/{id}/start`.
     pub async fn start(&self, name_or_id: &str) -> Result<(), EngineError> {
+        self.start_as(name_or_id, true).await
+    }
+
+    /// Starts a container for the user, or (`by_user` false) for its
+    /// restart policy, which gives way to a stop the user made meanwhile.
+    async fn start_as(&self, name_or_id: &str, by_user: bool) -> Result<(), EngineError> {
         let h = self.lookup(name_or_id)?;
-        if h.rec().manually_stopped {
+        if by_user && h.rec().manually_stopped {
             let rec = h.update(|r| r.manually_stopped = false);
             self.persist(&rec)?;
         }
         let result = {
             let _op = h.op.lock().await;
+            if !by_user && h.rec().manually_stopped {
+                return Ok(());
+            }
             self.start_locked(&h).await
         };
         match result {
@@ -1649,6 +1658,12 @@ impl Engine {
         let h = self.lookup(name_or_id)?;
         let rec = h.rec();
         if !rec.running() {
+            // Between two runs of a restart policy: the user's stop cancels
+            // the next one, as Docker's does for a restarting container.
+            if !rec.manually_stopped {
+                let rec = h.update(|r| r.manually_stopped = true);
+                self.persist(&rec)?;
+            }
             return Err(EngineError::NotModified);
         }
         let sig_name = signal

@@ -96,7 +96,9 @@ fn restart_policies() {
     assert_eq!(
         d.ok(&["inspect", "-f", "{{.State.Status}}", "forever"])
             .trim(),
-        "exited"
+        "exited",
+        "{}",
+        d.log()
     );
     assert_eq!(
         d.ok(&[
