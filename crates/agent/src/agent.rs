@@ -147,6 +147,14 @@ impl Agent {
                     let _ = tx.send(StdinCmd::Close);
                 }
             }
+            HostMsg::Top { req_id } => {
+                let root = self.state().rootfs.clone();
+                self.writer.send(&GuestMsg::Top {
+                    req_id,
+                    titles: crate::top::TITLES.iter().map(|t| t.to_string()).collect(),
+                    processes: crate::top::processes(root.as_deref()),
+                });
+            }
             HostMsg::CopyStat { copy_id, path } => self.copy_stat(copy_id, &path),
             HostMsg::CopyOut { copy_id, path } => self.copy_out(copy_id, path),
             HostMsg::CopyIn {

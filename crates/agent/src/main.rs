@@ -35,6 +35,7 @@ mod copy;
 mod process;
 mod rootfs;
 mod system;
+mod top;
 mod user;
 
 /// Logs one line to stderr (the kernel console). Never panics.

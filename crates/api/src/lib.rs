@@ -156,6 +156,7 @@ pub fn service(engine: Engine) -> Router {
             "/containers/{id}/archive",
             get(archive_get).head(archive_head).put(archive_put),
         )
+        .route("/containers/{id}/top", get(container_top))
         .route("/containers/{id}/pause", post(container_pause))
         .route("/containers/{id}/update", post(container_update))
         .route("/containers/{id}/unpause", post(container_unpause))
@@ -871,6 +872,14 @@ async fn archive_put(
     }
     result?;
     Ok(StatusCode::OK)
+}
+
+async fn container_top(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (titles, processes) = s.engine.top(&id).await?;
+    Ok(axum::Json(serde_json::json!({ "Titles": titles, "Processes": processes })).into_response())
 }
 
 async fn container_pause(

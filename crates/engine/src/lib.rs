@@ -278,6 +278,8 @@ struct Inner {
     templates: Option<Arc<template::Templates>>,
     pool: Option<pool::Pool>,
     registry: Arc<vessel_registry::Registry>,
+    /// `docker top` requests waiting for their answer, by request id.
+    tops: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<(Vec<String>, Vec<Vec<String>>)>>>,
     /// Copies (`docker cp`) under way, by copy id.
     copies: Mutex<HashMap<u32, tokio::sync::mpsc::UnboundedSender<copy::CopyEvent>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
@@ -399,6 +401,7 @@ impl Engine {
                 pool,
                 registry,
                 copies: Mutex::new(HashMap::new()),
+                tops: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
                 events: Events::default(),
                 next_exec: std::sync::atomic::AtomicU32::new(0),
@@ -446,6 +449,38 @@ impl Engine {
     /// Ids of the images some container uses.
     pub fn images_in_use(&self) -> std::collections::HashSet<String> {
         self.handles().iter().map(|h| h.rec().image_id).collect()
+    }
+
+    /// `docker top`: the processes in the container's VM (`ps -ef` columns).
+    pub async fn top(
+        &self,
+        name_or_id: &str,
+    ) -> Result<(Vec<String>, Vec<Vec<String>>), EngineError> {
+        let h = self.lookup(name_or_id)?;
+        let not_running =
+            || EngineError::Conflict(format!("Container {} is not running", h.id));
+        let writer = h.live.lock().await.writer.clone().ok_or_else(not_running)?;
+        let req_id = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .tops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req_id, tx);
+        let sent = writer.send(&HostMsg::Top { req_id }).await;
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        self.inner
+            .tops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req_id);
+        answer.ok_or_else(not_running)
     }
 
     /// The image store.
@@ -1473,6 +1508,21 @@ impl Engine {
                 }
                 Ok(Some(Incoming::Msg(GuestMsg::CopyStat { copy_id, stat }))) => {
                     self.copy_event(copy_id, copy::CopyEvent::Stat(stat));
+                }
+                Ok(Some(Incoming::Msg(GuestMsg::Top {
+                    req_id,
+                    titles,
+                    processes,
+                }))) => {
+                    let waiter = self
+                        .inner
+                        .tops
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&req_id);
+                    if let Some(tx) = waiter {
+                        let _ = tx.send((titles, processes));
+                    }
                 }
                 Ok(Some(Incoming::Msg(GuestMsg::CopyDone {
                     copy_id,

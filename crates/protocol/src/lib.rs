@@ -249,6 +249,11 @@ pub enum HostMsg {
         #[serde(default)]
         keep_owners: bool,
     },
+    /// `docker top`: answer [`GuestMsg::Top`].
+    Top {
+        /// Host-chosen id, echoed in the answer.
+        req_id: u32,
+    },
     /// The host has durably handled every output frame up to and including
     /// `seq`: the agent may forget them (see the crate docs, "Acknowledgement
     /// and replay").
@@ -277,6 +282,15 @@ pub enum GuestMsg {
         copy_id: u32,
         /// What Docker's `X-Docker-Container-Path-Stat` header carries.
         stat: PathStat,
+    },
+    /// The container's processes (`ps -ef` columns).
+    Top {
+        /// The request's id.
+        req_id: u32,
+        /// Column titles.
+        titles: Vec<String>,
+        /// One row per process.
+        processes: Vec<Vec<String>>,
     },
     /// A copy finished (every data frame of a `CopyOut` came before this).
     CopyDone {

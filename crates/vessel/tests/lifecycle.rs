@@ -433,3 +433,31 @@ fn health_checks_follow_the_test_command() {
     );
     d.ok(&["rm", "-f", "hc", "plain"]);
 }
+
+#[test]
+fn top_lists_the_processes_in_the_vm() {
+    let d = Daemon::start_with(&["--warm-vms", "0"]);
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&["run", "-d", "--name", "tp", "busybox", "sh", "-c", "sleep 1000; true"]);
+    d.ok(&["exec", "-d", "-u", "nobody", "tp", "sleep", "2000"]);
+    assert!(common::eventually(20, || d.ok(&["top", "tp"]).contains("sleep 2000")));
+    let out = d.ok(&["top", "tp"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("UID"), "{out}");
+    assert!(lines[0].contains("PID") && lines[0].ends_with("CMD"), "{out}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("root") && l.ends_with("sh -c sleep 1000; true")),
+        "{out}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("nobody") && l.ends_with("sleep 2000")),
+        "{out}"
+    );
+    // Nothing of the agent or the kernel.
+    assert!(!out.contains("/init") && !out.contains("kthreadd"), "{out}");
+    d.ok(&["kill", "tp"]);
+    d.ok(&["wait", "tp"]);
+    let out = d.docker(&["top", "tp"]);
+    assert!(!out.status.success());
+    assert!(common::stderr(&out).contains("is not running"), "{}", common::stderr(&out));
+}
