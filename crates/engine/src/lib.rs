@@ -100,6 +100,9 @@ impl From<vessel_image::Error> for EngineError {
     }
 }
 
+/// `docker top`'s answer: column titles and one row per process.
+pub type TopAnswer = (Vec<String>, Vec<Vec<String>>);
+
 /// Where things are and how VMs are shaped by default.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -279,7 +282,7 @@ struct Inner {
     pool: Option<pool::Pool>,
     registry: Arc<vessel_registry::Registry>,
     /// `docker top` requests waiting for their answer, by request id.
-    tops: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<(Vec<String>, Vec<Vec<String>>)>>>,
+    tops: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<TopAnswer>>>,
     /// Copies (`docker cp`) under way, by copy id.
     copies: Mutex<HashMap<u32, tokio::sync::mpsc::UnboundedSender<copy::CopyEvent>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
@@ -455,7 +458,7 @@ impl Engine {
     pub async fn top(
         &self,
         name_or_id: &str,
-    ) -> Result<(Vec<String>, Vec<Vec<String>>), EngineError> {
+    ) -> Result<TopAnswer, EngineError> {
         let h = self.lookup(name_or_id)?;
         let not_running =
             || EngineError::Conflict(format!("Container {} is not running", h.id));
