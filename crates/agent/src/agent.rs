@@ -156,7 +156,18 @@ impl Agent {
                 });
             }
             HostMsg::CopyStat { copy_id, path } => self.copy_stat(copy_id, &path),
-            HostMsg::CopyOut { copy_id, path } => self.copy_out(copy_id, path),
+            HostMsg::CopyOut {
+                copy_id,
+                path,
+                export,
+            } => self.copy_out(copy_id, path, export),
+            HostMsg::Diff { copy_id } => {
+                let has_root = self.state().rootfs.is_some();
+                match crate::diff::changes(has_root) {
+                    Ok(changes) => self.writer.send(&GuestMsg::Changes { copy_id, changes }),
+                    Err(e) => self.copy_done(copy_id, Err(e), false),
+                }
+            }
             HostMsg::CopyIn {
                 copy_id,
                 path,
@@ -236,14 +247,20 @@ impl Agent {
     }
 
     /// Streams `path` as a tar (on a thread: the main loop keeps reading).
-    fn copy_out(self: &Arc<Self>, copy_id: u32, path: String) {
+    fn copy_out(self: &Arc<Self>, copy_id: u32, path: String, export: bool) {
         let agent = self.clone();
         std::thread::spawn(move || {
             let result = (|| -> std::io::Result<()> {
                 let root = agent.copy_root()?;
+                let path = if export { "/".to_string() } else { path };
                 let stat = crate::copy::stat(&root, &path)?;
                 agent.writer.send(&GuestMsg::CopyStat { copy_id, stat });
-                let mut child = crate::copy::spawn(crate::copy::COPY_OUT_ARG, &root, &path)?;
+                let arg = if export {
+                    crate::copy::EXPORT_ARG
+                } else {
+                    crate::copy::COPY_OUT_ARG
+                };
+                let mut child = crate::copy::spawn(arg, &root, &path)?;
                 let mut out = child
                     .stdout
                     .take()

@@ -17,6 +17,9 @@ use vessel_protocol::PathStat;
 
 /// `vessel-init --copy-out ROOT PATH`: writes PATH as a tar to stdout.
 pub const COPY_OUT_ARG: &str = "--copy-out";
+/// `vessel-init --export ROOT /`: the whole root filesystem as a tar on
+/// stdout, without what is mounted on `/proc`, `/sys` and `/dev`.
+pub const EXPORT_ARG: &str = "--export";
 /// `vessel-init --copy-in ROOT DIR`: extracts a tar from stdin into DIR,
 /// everything owned by root.
 pub const COPY_IN_ARG: &str = "--copy-in";
@@ -112,7 +115,7 @@ pub fn is_dir(root: &Path, path: &str) -> io::Result<bool> {
 pub fn spawn(arg: &str, root: &Path, path: &str) -> io::Result<std::process::Child> {
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(arg).arg(root).arg(path).stderr(Stdio::piped());
-    if arg == COPY_OUT_ARG {
+    if arg == COPY_OUT_ARG || arg == EXPORT_ARG {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     } else {
         cmd.stdin(Stdio::piped()).stdout(Stdio::null());
@@ -141,6 +144,7 @@ pub fn child_main(args: &[String]) -> i32 {
         std::env::set_current_dir("/")?;
         match arg.as_str() {
             COPY_OUT_ARG => copy_out(path, io::stdout().lock()),
+            EXPORT_ARG => export(io::stdout().lock()),
             COPY_IN_ARG => copy_in(path, io::stdin().lock(), false),
             _ => copy_in(path, io::stdin().lock(), true),
         }
@@ -181,6 +185,29 @@ fn copy_out(path: &str, out: impl Write) -> io::Result<()> {
             .map(PathBuf::from)
             .ok_or_else(|| io::Error::other("no file name"))?;
         b.append_path_with_name(p, name)?;
+    }
+    b.into_inner()?.flush()
+}
+
+/// `docker export`: every top-level entry of the root; `/proc`, `/sys` and
+/// `/dev` only as empty directories (their contents are the guest's).
+fn export(out: impl Write) -> io::Result<()> {
+    let mut b = tar::Builder::new(out);
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Complete);
+    let mut entries: Vec<_> = std::fs::read_dir("/")?.collect::<io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = PathBuf::from(e.file_name());
+        let pseudo = ["proc", "sys", "dev"].iter().any(|p| name == Path::new(p));
+        if pseudo && e.file_type()?.is_dir() {
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&std::fs::symlink_metadata(e.path())?, tar::HeaderMode::Complete);
+            h.set_size(0);
+            b.append_data(&mut h, &name, io::empty())?;
+        } else {
+            append(&mut b, &e.path(), &name)?;
+        }
     }
     b.into_inner()?.flush()
 }

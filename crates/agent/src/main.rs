@@ -32,6 +32,7 @@ mod agent;
 mod channel;
 mod command;
 mod copy;
+mod diff;
 mod process;
 mod rootfs;
 mod system;
@@ -53,7 +54,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some(agent::WARM_UP_ARG) => return,
-        Some(copy::COPY_OUT_ARG) | Some(copy::COPY_IN_ARG) | Some(copy::COPY_IN_OWNERS_ARG) => {
+        Some(copy::COPY_OUT_ARG)
+        | Some(copy::COPY_IN_ARG)
+        | Some(copy::COPY_IN_OWNERS_ARG)
+        | Some(copy::EXPORT_ARG) => {
             std::process::exit(copy::child_main(&args));
         }
         _ => {}

@@ -157,6 +157,8 @@ pub fn service(engine: Engine) -> Router {
             get(archive_get).head(archive_head).put(archive_put),
         )
         .route("/containers/{id}/top", get(container_top))
+        .route("/containers/{id}/export", get(container_export))
+        .route("/containers/{id}/changes", get(container_changes))
         .route("/containers/{id}/pause", post(container_pause))
         .route("/containers/{id}/update", post(container_update))
         .route("/containers/{id}/unpause", post(container_unpause))
@@ -872,6 +874,31 @@ async fn archive_put(
     }
     result?;
     Ok(StatusCode::OK)
+}
+
+async fn container_export(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let archive = s.engine.export(&id).await?;
+    let stream = tokio_stream_of(archive.data).map(|r| r.map_err(std::io::Error::other));
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default())
+}
+
+async fn container_changes(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let changes = s.engine.changes(&id).await?;
+    let out: Vec<serde_json::Value> = changes
+        .into_iter()
+        .map(|(kind, path)| serde_json::json!({ "Path": path, "Kind": kind }))
+        .collect();
+    Ok(axum::Json(out).into_response())
 }
 
 async fn container_top(

@@ -27,6 +27,7 @@ use crate::{Engine, EngineError, Handle};
 pub(crate) enum CopyEvent {
     Stat(PathStat),
     Data(Vec<u8>),
+    Changes(Vec<(u8, String)>),
     Done {
         error: Option<String>,
         not_found: bool,
@@ -195,6 +196,9 @@ impl Engine {
                 Ok(Some(Incoming::Msg(GuestMsg::CopyStat { copy_id, stat }))) => {
                     self.copy_event(copy_id, CopyEvent::Stat(stat));
                 }
+                Ok(Some(Incoming::Msg(GuestMsg::Changes { copy_id, changes }))) => {
+                    self.copy_event(copy_id, CopyEvent::Changes(changes));
+                }
                 Ok(Some(Incoming::Msg(GuestMsg::CopyDone {
                     copy_id,
                     error,
@@ -256,6 +260,39 @@ impl Engine {
         name_or_id: &str,
         path: &str,
     ) -> Result<ArchiveStream, EngineError> {
+        self.archive_out(name_or_id, path, false).await
+    }
+
+    /// `GET /containers/{id}/export`: the container's whole filesystem.
+    pub async fn export(&self, name_or_id: &str) -> Result<ArchiveStream, EngineError> {
+        self.archive_out(name_or_id, "/", true).await
+    }
+
+    /// `GET /containers/{id}/changes` (`docker diff`): (kind, path), kind 0
+    /// modified, 1 added, 2 deleted.
+    pub async fn changes(&self, name_or_id: &str) -> Result<Vec<(u8, String)>, EngineError> {
+        let mut s = self.copy_session(name_or_id).await?;
+        let sent = s.writer.send(&HostMsg::Diff { copy_id: s.id }).await;
+        let result = match sent {
+            Err(e) => Err(EngineError::Internal(e.to_string())),
+            Ok(()) => match s.events.recv().await {
+                Some(CopyEvent::Changes(c)) => Ok(c),
+                Some(CopyEvent::Done { error, .. }) => Err(EngineError::Internal(
+                    error.unwrap_or_else(|| "diff failed".into()),
+                )),
+                _ => Err(EngineError::Internal("the container's VM stopped".into())),
+            },
+        };
+        self.close_session(&mut s).await;
+        result
+    }
+
+    async fn archive_out(
+        &self,
+        name_or_id: &str,
+        path: &str,
+        export: bool,
+    ) -> Result<ArchiveStream, EngineError> {
         let cid = self.lookup(name_or_id)?.id.clone();
         let mut s = self.copy_session(name_or_id).await?;
         if let Err(e) = s
@@ -263,6 +300,7 @@ impl Engine {
             .send(&HostMsg::CopyOut {
                 copy_id: s.id,
                 path: path.to_string(),
+                export,
             })
             .await
         {
@@ -297,7 +335,7 @@ impl Engine {
                         let _ = tx.send(Err(e)).await;
                         break;
                     }
-                    Some(CopyEvent::Stat(_)) => {}
+                    Some(CopyEvent::Stat(_)) | Some(CopyEvent::Changes(_)) => {}
                     None => {
                         let _ = tx.send(Err("the container's VM stopped".into())).await;
                         break;

@@ -1512,6 +1512,9 @@ impl Engine {
                 Ok(Some(Incoming::Msg(GuestMsg::CopyStat { copy_id, stat }))) => {
                     self.copy_event(copy_id, copy::CopyEvent::Stat(stat));
                 }
+                Ok(Some(Incoming::Msg(GuestMsg::Changes { copy_id, changes }))) => {
+                    self.copy_event(copy_id, copy::CopyEvent::Changes(changes));
+                }
                 Ok(Some(Incoming::Msg(GuestMsg::Top {
                     req_id,
                     titles,

@@ -235,6 +235,16 @@ pub enum HostMsg {
         copy_id: u32,
         /// Path in the container.
         path: String,
+        /// `docker export`: the whole root filesystem (`path` is ignored)
+        /// without the contents of `/proc`, `/sys` and `/dev`.
+        #[serde(default)]
+        export: bool,
+    },
+    /// `docker diff`: answer [`GuestMsg::Changes`] (or [`GuestMsg::CopyDone`]
+    /// with the error).
+    Diff {
+        /// Host-chosen id, from the same space as exec ids.
+        copy_id: u32,
     },
     /// `docker cp` into the container: a tar archive follows in `ExecStdin`
     /// frames carrying `copy_id`, ended by `ExecCloseStdin`; the agent
@@ -291,6 +301,14 @@ pub enum GuestMsg {
         titles: Vec<String>,
         /// One row per process.
         processes: Vec<Vec<String>>,
+    },
+    /// The container's changes to its image's filesystem, as `docker diff`
+    /// lists them: (kind, path) with kind 0 modified, 1 added, 2 deleted.
+    Changes {
+        /// Copy id of the `Diff`.
+        copy_id: u32,
+        /// The changes, sorted by path.
+        changes: Vec<(u8, String)>,
     },
     /// A copy finished (every data frame of a `CopyOut` came before this).
     CopyDone {

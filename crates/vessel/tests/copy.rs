@@ -130,3 +130,46 @@ fn cp_works_on_containers_that_are_not_running() {
         "a copy VM was left running"
     );
 }
+
+#[test]
+fn diff_and_export_show_the_containers_filesystem() {
+    let d = Daemon::start_with(&["--warm-vms", "0"]);
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&[
+        "run",
+        "--name",
+        "changed",
+        "busybox",
+        "sh",
+        "-c",
+        "echo x > /tmp/new; rm /etc/group; mkdir -p /home/user/d; echo y > /home/user/d/f",
+    ]);
+    // Docker's listing; nothing of what the agent writes (hostname, hosts).
+    assert_eq!(
+        d.ok(&["diff", "changed"]),
+        "C /etc\nD /etc/group\nC /home\nC /home/user\nA /home/user/d\nA /home/user/d/f\nC /tmp\nA /tmp/new\n"
+    );
+    // The whole filesystem as a tar, with the container's changes, and
+    // the pseudo filesystems only as empty directories.
+    let out = d.docker(&["export", "changed"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut archive = tar::Archive::new(&out.stdout[..]);
+    let mut names = Vec::new();
+    let mut new_file = String::new();
+    for e in archive.entries().expect("tar") {
+        let mut e = e.expect("entry");
+        let name = e.path().expect("path").display().to_string();
+        if name == "tmp/new" {
+            std::io::Read::read_to_string(&mut e, &mut new_file).expect("read");
+        }
+        names.push(name);
+    }
+    assert_eq!(new_file, "x\n");
+    assert!(names.iter().any(|n| n == "bin/busybox"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "etc/group"), "deleted file exported");
+    assert!(names.iter().any(|n| n.trim_end_matches('/') == "proc"));
+    assert!(!names.iter().any(|n| n.starts_with("proc/") || n.starts_with("sys/")));
+    // A running container too.
+    d.ok(&["run", "-d", "--name", "live", "busybox", "sh", "-c", "touch /added; sleep 1000"]);
+    assert!(common::eventually(20, || d.ok(&["diff", "live"]) == "A /added\n"));
+}
