@@ -458,6 +458,16 @@ impl Agent {
                 crate::log!("sethostname: {e}");
             }
         }
+        for (key, value) in &spec.sysctls {
+            rootfs::set_sysctl(key, value).map_err(|e| StartError::other(e.to_string()))?;
+        }
+        for (path, options) in &spec.tmpfs {
+            rootfs::mount_tmpfs(&root, path, options)
+                .map_err(|e| StartError::other(format!("--tmpfs {path}: {e}")))?;
+        }
+        if spec.read_only {
+            rootfs::make_read_only(&root).map_err(|e| StartError::other(e.to_string()))?;
+        }
         let t_etc = t0.elapsed();
         let user = user::resolve_in_root(&root, &spec.user)?;
         let env = command::build_env(&spec.env, &spec.hostname, &user.home, spec.tty);

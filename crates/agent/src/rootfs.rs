@@ -247,6 +247,64 @@ pub fn write_machine_id(root: &Path, id_hex: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Mounts a tmpfs at `path` in the container (`--tmpfs PATH:OPTIONS`).
+/// Flags among the options (`ro`, `noexec`, `nosuid`, `nodev`, ...) become
+/// mount flags; the rest (`size`, `mode`, `uid`, `gid`) is tmpfs's data.
+pub fn mount_tmpfs(root: &Path, path: &str, options: &str) -> io::Result<()> {
+    let target = dir_in_root(root, path)?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mut data = Vec::new();
+    for opt in options.split(',').filter(|o| !o.is_empty()) {
+        match opt {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "exec" => flags &= !MsFlags::MS_NOEXEC,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "suid" => flags &= !MsFlags::MS_NOSUID,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "dev" => flags &= !MsFlags::MS_NODEV,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            other => data.push(other),
+        }
+    }
+    let data = data.join(",");
+    mount_fs(
+        "tmpfs",
+        &target,
+        "tmpfs",
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+}
+
+/// Makes the container's root read-only (`--read-only`); the mounts below
+/// it (`/proc`, `/dev`, tmpfs) keep their own flags.
+pub fn make_read_only(root: &Path) -> io::Result<()> {
+    mount::<str, Path, str, str>(
+        None,
+        root,
+        None,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        None,
+    )
+    .map_err(|e| io::Error::other(format!("remounting the root read-only: {e}")))
+}
+
+/// Sets a kernel parameter (`--sysctl net.core.somaxconn=1024`).
+pub fn set_sysctl(key: &str, value: &str) -> io::Result<()> {
+    if key.is_empty() || key.contains("..") || key.contains('/') {
+        return Err(io::Error::other(format!("invalid sysctl {key:?}")));
+    }
+    let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+    std::fs::write(&path, value)
+        .map_err(|e| io::Error::other(format!("sysctl {key}={value}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -984,6 +984,13 @@ impl Engine {
         let image = blocking(move || images.resolve(&lookup_name)).await??;
         let host_config = body.host_config.clone().unwrap_or_default();
         log_driver(&host_config)?;
+        for path in host_config.tmpfs.iter().flat_map(|t| t.keys()) {
+            if !path.starts_with('/') {
+                return Err(EngineError::InvalidParameter(format!(
+                    "invalid mount config for type \"tmpfs\": invalid mount path: '{path}' mount path must be absolute"
+                )));
+            }
+        }
         let shape = self.shape(&host_config)?;
         let config = merge_config(&body, &image.config, &image_name);
         let mut argv = config.entrypoint.clone().unwrap_or_default();
@@ -1425,6 +1432,29 @@ impl Engine {
                 .iter()
                 .filter_map(|h| h.split_once(':').map(|(name, ip)| format!("{ip}\t{name}")))
                 .collect(),
+            read_only: rec.host_config.readonly_rootfs.unwrap_or(false),
+            tmpfs: {
+                let mut t: Vec<(String, String)> = rec
+                    .host_config
+                    .tmpfs
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                t.sort();
+                t
+            },
+            sysctls: {
+                let mut t: Vec<(String, String)> = rec
+                    .host_config
+                    .sysctls
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                t.sort();
+                t
+            },
         }
     }
 

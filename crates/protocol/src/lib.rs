@@ -416,6 +416,16 @@ pub struct ProcessSpec {
     pub rootfs: RootfsSpec,
     /// Extra lines for `/etc/hosts` (`IP NAME...`).
     pub extra_hosts: Vec<String>,
+    /// `--read-only`: the root filesystem is mounted read-only once the
+    /// agent has written `/etc`.
+    #[serde(default)]
+    pub read_only: bool,
+    /// `--tmpfs PATH[:OPTIONS]`: (path, options as `mount -o` takes them).
+    #[serde(default)]
+    pub tmpfs: Vec<(String, String)>,
+    /// `--sysctl KEY=VALUE`: written to `/proc/sys` before the process starts.
+    #[serde(default)]
+    pub sysctls: Vec<(String, String)>,
     /// Fresh random bytes (hex) the agent mixes into the guest's RNG and
     /// reseeds from: a VM restored from a template must not share the
     /// template's random state with its siblings.

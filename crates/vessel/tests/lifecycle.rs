@@ -461,3 +461,34 @@ fn top_lists_the_processes_in_the_vm() {
     assert!(!out.status.success());
     assert!(common::stderr(&out).contains("is not running"), "{}", common::stderr(&out));
 }
+
+#[test]
+fn read_only_tmpfs_and_sysctl_apply_inside_the_vm() {
+    let d = Daemon::start_with(&["--warm-vms", "0"]);
+    d.load_busybox(&["busybox:latest"]);
+    let out = d.docker(&["run", "--rm", "--read-only", "busybox", "touch", "/x"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Read-only file system"), "{}", stderr(&out));
+    let out = d.ok(&[
+        "run",
+        "--rm",
+        "--read-only",
+        "--tmpfs",
+        "/scratch:size=8m,mode=0770",
+        "--sysctl",
+        "net.core.somaxconn=1234",
+        "busybox",
+        "sh",
+        "-c",
+        "touch /scratch/ok && echo wrote; grep ' /scratch ' /proc/mounts; cat /proc/sys/net/core/somaxconn",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "wrote", "{out}");
+    assert!(lines[1].starts_with("tmpfs /scratch tmpfs rw,nosuid,nodev,noexec"), "{out}");
+    assert!(lines[1].contains("size=8192k") && lines[1].contains("mode=770"), "{out}");
+    assert_eq!(lines[2], "1234", "{out}");
+    // Docker's answer to a relative tmpfs path.
+    let out = d.docker(&["run", "--rm", "--tmpfs", "scratch", "busybox", "true"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("must be absolute"), "{}", stderr(&out));
+}
