@@ -336,6 +336,8 @@ struct StagedImage {
     layers: Vec<LayerEntry>,
     disk: Option<PathBuf>,
     tags: Vec<Reference>,
+    /// Digest references (`name@sha256:...` keys) that name it too.
+    digest_refs: Vec<String>,
     created: Option<String>,
 }
 
@@ -601,29 +603,33 @@ impl ImageStore {
                 layers,
                 disk,
                 tags: cand.tags,
+                digest_refs: Vec::new(),
                 created,
             });
         }
         let mut lines = Vec::new();
-        {
-            let mut st = self.write_state();
-            let before = st.clone();
-            let mut created_files: Vec<PathBuf> = Vec::new();
-            let res = self.commit(&mut st, &staged, &mut created_files, &mut lines);
-            if let Err(e) = res {
-                for p in created_files.iter().rev() {
-                    let _ = fs::remove_file(p);
-                }
-                *st = before;
-                let _ = self.save_repos(&st);
-                return Err(e);
-            }
-        }
+        self.commit(&mut self.write_state(), &staged, &mut lines)?;
         Ok(lines)
     }
 
-    /// Move staged images into the store; records new files in `created`.
-    fn commit(
+    /// Moves staged images into the store, all or nothing: on failure the
+    /// files it created are removed and the state is as before.
+    fn commit(&self, st: &mut State, staged: &[StagedImage], lines: &mut Vec<String>) -> Result<()> {
+        let before = st.clone();
+        let mut created = Vec::new();
+        let result = self.commit_inner(st, staged, &mut created, lines);
+        if result.is_err() {
+            for p in created.iter().rev() {
+                let _ = fs::remove_file(p);
+            }
+            *st = before;
+            let _ = self.save_repos(st);
+        }
+        result
+    }
+
+    /// [`Self::commit`]'s work; records every file it creates in `created`.
+    fn commit_inner(
         &self,
         st: &mut State,
         staged: &[StagedImage],
@@ -678,6 +684,9 @@ impl ImageStore {
                     }
                 }
                 lines.push(format!("Loaded image: {name}"));
+            }
+            for k in &img.digest_refs {
+                st.repos.insert(k.clone(), img.hex.clone());
             }
         }
         self.save_repos(st)
@@ -739,24 +748,10 @@ impl ImageStore {
             }],
             disk: Some(disk),
             tags: tag.into_iter().collect(),
+            digest_refs: Vec::new(),
             created: Some(now),
         };
-        let mut st = self.write_state();
-        let before = st.clone();
-        let mut created_files = Vec::new();
-        if let Err(e) = self.commit(
-            &mut st,
-            std::slice::from_ref(&staged),
-            &mut created_files,
-            &mut Vec::new(),
-        ) {
-            for p in created_files.iter().rev() {
-                let _ = fs::remove_file(p);
-            }
-            *st = before;
-            let _ = self.save_repos(&st);
-            return Err(e);
-        }
+        self.commit(&mut self.write_state(), std::slice::from_ref(&staged), &mut Vec::new())?;
         Ok(format!("sha256:{hex}"))
     }
 

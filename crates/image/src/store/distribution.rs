@@ -276,6 +276,7 @@ impl ImageStore {
             layers: entries,
             disk,
             tags: tag.into_iter().collect(),
+            digest_refs: digest_ref.into_iter().collect(),
             created,
         };
         let mut st = self.write_state();
@@ -288,24 +289,7 @@ impl ImageStore {
                 )));
             }
         }
-        let before = st.clone();
-        if let Some(k) = &digest_ref {
-            st.repos.insert(k.clone(), hex.clone());
-        }
-        let mut created_files = Vec::new();
-        if let Err(e) = self.commit(
-            &mut st,
-            std::slice::from_ref(&staged),
-            &mut created_files,
-            &mut Vec::new(),
-        ) {
-            for p in created_files.iter().rev() {
-                let _ = fs::remove_file(p);
-            }
-            *st = before;
-            let _ = self.save_repos(&st);
-            return Err(e);
-        }
+        self.commit(&mut st, std::slice::from_ref(&staged), &mut Vec::new())?;
         Ok(CommitOutcome {
             id: format!("sha256:{hex}"),
             new_image,
