@@ -835,19 +835,13 @@ async fn archive_get(
 ) -> ApiResult<Response> {
     let path = archive_path(&req)?;
     let archive = s.engine.archive_get(&id, &path).await?;
-    let stream = tokio_stream_of(archive.data).map(|r| r.map_err(std::io::Error::other));
+    let stream = tokio_stream_from(archive.data).map(|r| r.map_err(std::io::Error::other));
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-tar")
         .header(PATH_STAT, path_stat_header(&archive.stat))
         .body(Body::from_stream(stream))
         .unwrap_or_default())
-}
-
-fn tokio_stream_of<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 async fn archive_put(
@@ -881,7 +875,7 @@ async fn container_export(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let archive = s.engine.export(&id).await?;
-    let stream = tokio_stream_of(archive.data).map(|r| r.map_err(std::io::Error::other));
+    let stream = tokio_stream_from(archive.data).map(|r| r.map_err(std::io::Error::other));
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-tar")
@@ -1133,7 +1127,7 @@ async fn container_logs(
 
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> {
+) -> impl futures::Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
