@@ -16,9 +16,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tracing::warn;
-use vessel_protocol::{GuestMsg, HostMsg, PathStat, RootfsSpec};
+use vessel_protocol::{GuestMsg, HostMsg, PathStat};
 use vessel_vm::channel::{AgentReader, AgentWriter, Incoming};
-use vessel_vm::{Boot, VmSpec};
 
 use crate::{Engine, EngineError, Handle};
 
@@ -65,6 +64,31 @@ impl Engine {
             }
             None => false,
         }
+    }
+
+    /// Routes the agent's copy answers (`CopyStat`, `Changes`, `CopyDone`)
+    /// to their copy; `Some(msg)` for any other message.
+    pub(crate) fn copy_message(&self, msg: GuestMsg) -> Option<GuestMsg> {
+        let (copy_id, ev) = match msg {
+            GuestMsg::CopyStat { copy_id, stat } => (copy_id, CopyEvent::Stat(stat)),
+            GuestMsg::Changes { copy_id, changes } => (copy_id, CopyEvent::Changes(changes)),
+            GuestMsg::CopyDone {
+                copy_id,
+                error,
+                not_found,
+                not_dir,
+            } => (
+                copy_id,
+                CopyEvent::Done {
+                    error,
+                    not_found,
+                    not_dir,
+                },
+            ),
+            other => return Some(other),
+        };
+        self.copy_event(copy_id, ev);
+        None
     }
 
     /// Opens a copy session on the container's running VM, or on a VM
@@ -132,40 +156,22 @@ impl Engine {
             .data_root
             .join("vm")
             .join(format!("cp-{}", &rec.id[..12]));
-        let spec = VmSpec {
-            name: name.clone(),
-            run_dir: run_dir.clone(),
-            kernel: self.inner.cfg.kernel.clone(),
-            initrd: self.inner.initrd.clone(),
+        let spec = self.vm_spec(
+            name.clone(),
+            run_dir.clone(),
             image_disk,
-            upper_disk: self.container_dir(&rec.id).join("upper.qcow2"),
-            memory_mib: rec.vm.memory_mib,
-            vcpus: rec.vm.vcpus,
-            boot: match &self.inner.templates {
-                Some(t) => t.boot_for(&rec.vm),
-                None => Boot::Cold,
-            },
-            background: false,
-        };
+            self.container_dir(&rec.id).join("upper.qcow2"),
+            &rec.vm,
+        );
         let (pid, _, mut reader, writer, _) = self.launch(&spec).await?;
         let fail = |msg: String| {
             vessel_vm::kill_vm(pid, &name);
             let _ = std::fs::remove_dir_all(&run_dir);
             EngineError::Internal(msg)
         };
-        writer
-            .send(&HostMsg::Prepare(RootfsSpec::default()))
+        crate::pool::prepare_root(&mut reader, &writer)
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        loop {
-            match reader.next().await {
-                Ok(Some(Incoming::Msg(GuestMsg::Prepared))) => break,
-                Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => return Err(fail(message)),
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(fail("the VM stopped".into())),
-                Err(e) => return Err(fail(e.to_string())),
-            }
-        }
+            .map_err(fail)?;
         // The disk may now differ from what `create` made.
         let rec = h.update(|r| r.fresh_upper = false);
         let _ = self.persist(&rec);
@@ -193,26 +199,8 @@ impl Engine {
                 Ok(Some(Incoming::ExecStdout { exec_id, data })) => {
                     self.copy_event(exec_id, CopyEvent::Data(data));
                 }
-                Ok(Some(Incoming::Msg(GuestMsg::CopyStat { copy_id, stat }))) => {
-                    self.copy_event(copy_id, CopyEvent::Stat(stat));
-                }
-                Ok(Some(Incoming::Msg(GuestMsg::Changes { copy_id, changes }))) => {
-                    self.copy_event(copy_id, CopyEvent::Changes(changes));
-                }
-                Ok(Some(Incoming::Msg(GuestMsg::CopyDone {
-                    copy_id,
-                    error,
-                    not_found,
-                    not_dir,
-                }))) => {
-                    self.copy_event(
-                        copy_id,
-                        CopyEvent::Done {
-                            error,
-                            not_found,
-                            not_dir,
-                        },
-                    );
+                Ok(Some(Incoming::Msg(msg))) => {
+                    self.copy_message(msg);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => return,

@@ -1220,21 +1220,8 @@ impl Engine {
                 (vm.pid, Duration::ZERO, vm.reader, vm.writer, idle, "warm", Some(vm.name))
             }
             None => {
-                let mut spec = VmSpec {
-                    name: rec.id.clone(),
-                    run_dir: run_dir.clone(),
-                    kernel: self.inner.cfg.kernel.clone(),
-                    initrd: self.inner.initrd.clone(),
-                    image_disk,
-                    upper_disk,
-                    memory_mib: rec.vm.memory_mib,
-                    vcpus: rec.vm.vcpus,
-                    boot: match &self.inner.templates {
-                        Some(t) => t.boot_for(&rec.vm),
-                        None => Boot::Cold,
-                    },
-                    background: false,
-                };
+                let mut spec =
+                    self.vm_spec(rec.id.clone(), run_dir.clone(), image_disk, upper_disk, &rec.vm);
                 let cloned = matches!(spec.boot, Boot::Clone { .. });
                 let launched = match self.launch(&spec).await {
                     Err(e) if cloned => {
@@ -1344,6 +1331,33 @@ impl Engine {
         Ok(())
     }
 
+    /// A container VM's spec: the daemon's kernel and initramfs, and a clone
+    /// of the shape's template when it is ready (else a cold boot).
+    fn vm_spec(
+        &self,
+        name: String,
+        run_dir: PathBuf,
+        image_disk: PathBuf,
+        upper_disk: PathBuf,
+        shape: &VmShape,
+    ) -> VmSpec {
+        VmSpec {
+            name,
+            run_dir,
+            kernel: self.inner.cfg.kernel.clone(),
+            initrd: self.inner.initrd.clone(),
+            image_disk,
+            upper_disk,
+            memory_mib: shape.memory_mib,
+            vcpus: shape.vcpus,
+            boot: match &self.inner.templates {
+                Some(t) => t.boot_for(shape),
+                None => Boot::Cold,
+            },
+            background: false,
+        }
+    }
+
     /// Starts a VM and connects to its agent: the VM's pid, the time the
     /// spawn took, the channel and the agent's first state.
     async fn launch(
@@ -1433,28 +1447,8 @@ impl Engine {
                 .filter_map(|h| h.split_once(':').map(|(name, ip)| format!("{ip}\t{name}")))
                 .collect(),
             read_only: rec.host_config.readonly_rootfs.unwrap_or(false),
-            tmpfs: {
-                let mut t: Vec<(String, String)> = rec
-                    .host_config
-                    .tmpfs
-                    .clone()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-                t.sort();
-                t
-            },
-            sysctls: {
-                let mut t: Vec<(String, String)> = rec
-                    .host_config
-                    .sysctls
-                    .clone()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-                t.sort();
-                t
-            },
+            tmpfs: sorted_pairs(rec.host_config.tmpfs.as_ref()),
+            sysctls: sorted_pairs(rec.host_config.sysctls.as_ref()),
         }
     }
 
@@ -1539,43 +1533,25 @@ impl Engine {
                 Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => {
                     warn!(%id, "guest agent: {message}")
                 }
-                Ok(Some(Incoming::Msg(GuestMsg::CopyStat { copy_id, stat }))) => {
-                    self.copy_event(copy_id, copy::CopyEvent::Stat(stat));
-                }
-                Ok(Some(Incoming::Msg(GuestMsg::Changes { copy_id, changes }))) => {
-                    self.copy_event(copy_id, copy::CopyEvent::Changes(changes));
-                }
-                Ok(Some(Incoming::Msg(GuestMsg::Top {
-                    req_id,
-                    titles,
-                    processes,
-                }))) => {
-                    let waiter = self
-                        .inner
-                        .tops
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&req_id);
-                    if let Some(tx) = waiter {
-                        let _ = tx.send((titles, processes));
+                Ok(Some(Incoming::Msg(msg))) => match self.copy_message(msg) {
+                    None => {}
+                    Some(GuestMsg::Top {
+                        req_id,
+                        titles,
+                        processes,
+                    }) => {
+                        let waiter = self
+                            .inner
+                            .tops
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&req_id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send((titles, processes));
+                        }
                     }
-                }
-                Ok(Some(Incoming::Msg(GuestMsg::CopyDone {
-                    copy_id,
-                    error,
-                    not_found,
-                    not_dir,
-                }))) => {
-                    self.copy_event(
-                        copy_id,
-                        copy::CopyEvent::Done {
-                            error,
-                            not_found,
-                            not_dir,
-                        },
-                    );
-                }
-                Ok(Some(Incoming::Msg(other))) => warn!(%id, "unexpected agent message: {other:?}"),
+                    Some(other) => warn!(%id, "unexpected agent message: {other:?}"),
+                },
                 Ok(None) => break,
                 Err(e) => {
                     warn!(%id, "agent channel: {e}");
@@ -2422,6 +2398,17 @@ fn merge_config(
         stop_timeout: body.stop_timeout,
         shell: body.shell.clone(),
     }
+}
+
+/// A map of the host config as (key, value) pairs in key order.
+fn sorted_pairs(map: Option<&HashMap<String, String>>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = map
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort();
+    v
 }
 
 fn make_blank_upper(path: &Path) -> Result<(), EngineError> {

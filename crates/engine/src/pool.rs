@@ -320,16 +320,9 @@ impl Engine {
             }
         };
         let spec = VmSpec {
-            name: name.clone(),
-            run_dir: run_dir.clone(),
-            kernel: self.inner.cfg.kernel.clone(),
-            initrd: self.inner.initrd.clone(),
-            image_disk,
-            upper_disk: upper.clone(),
-            memory_mib: shape.memory_mib,
-            vcpus: shape.vcpus,
             boot,
             background: true,
+            ..self.vm_spec(name.clone(), run_dir.clone(), image_disk, upper.clone(), shape)
         };
         let (pid, _, mut reader, writer, _) = match self.launch(&spec).await {
             Ok(l) => l,
@@ -339,33 +332,9 @@ impl Engine {
             }
         };
         pool.filling_pid(key, pid);
-        let prepared = async {
-            writer
-                .send(&HostMsg::Prepare(RootfsSpec::default()))
-                .await
-                .map_err(|e| e.to_string())?;
-            loop {
-                match reader.next().await {
-                    Ok(Some(Incoming::Msg(GuestMsg::Prepared))) => return Ok(()),
-                    Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => return Err(message),
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Err("the VM stopped".to_string()),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(30), prepared).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                cleanup(Some(pid));
-                return Err(EngineError::Internal(format!("warm VM: {e}")));
-            }
-            Err(_) => {
-                cleanup(Some(pid));
-                return Err(EngineError::Internal(
-                    "warm VM: no answer to Prepare in 30 s".into(),
-                ));
-            }
+        if let Err(e) = prepare_root(&mut reader, &writer).await {
+            cleanup(Some(pid));
+            return Err(EngineError::Internal(format!("warm VM: {e}")));
         }
         info!(vm = %name, image = %image_id, ms = started.elapsed().as_millis() as u64, "warm VM ready");
         Ok(WarmVm {
@@ -377,6 +346,32 @@ impl Engine {
             writer,
         })
     }
+}
+
+/// Asks a fresh VM's agent to mount the root filesystem (`Prepare`) and
+/// waits (up to 30 s) for `Prepared`.
+pub(crate) async fn prepare_root(
+    reader: &mut AgentReader,
+    writer: &AgentWriter,
+) -> Result<(), String> {
+    let prepared = async {
+        writer
+            .send(&HostMsg::Prepare(RootfsSpec::default()))
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            match reader.next().await {
+                Ok(Some(Incoming::Msg(GuestMsg::Prepared))) => return Ok(()),
+                Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => return Err(message),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err("the VM stopped".to_string()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), prepared)
+        .await
+        .unwrap_or_else(|_| Err("no answer to Prepare in 30 s".into()))
 }
 
 /// Moves a claimed warm VM's writable disk and run directory into the
