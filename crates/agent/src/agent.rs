@@ -312,24 +312,13 @@ impl Agent {
         let Some(stdin) = child.stdin.take() else {
             return self.copy_done(copy_id, Err(std::io::Error::other("no stdin")), false);
         };
-        let (tx, rx) = mpsc::channel::<StdinCmd>();
+        let stdin = std::fs::File::from(std::os::fd::OwnedFd::from(stdin));
+        let tx = process::start_stdin(stdin, false);
         self.state().copies.insert(copy_id, tx);
         let agent = self.clone();
+        // The child exits once its stdin closes (`ExecCloseStdin`) and it
+        // has extracted everything; its stderr says how it went.
         std::thread::spawn(move || {
-            let mut stdin = Some(stdin);
-            for cmd in rx {
-                match cmd {
-                    StdinCmd::Data(bytes) => {
-                        if let Some(f) = stdin.as_mut() {
-                            if std::io::Write::write_all(f, &bytes).is_err() {
-                                stdin = None;
-                            }
-                        }
-                    }
-                    StdinCmd::Close => break,
-                }
-            }
-            drop(stdin);
             let result = match crate::copy::child_error(&mut child) {
                 e if e.is_empty() => Ok(()),
                 e => Err(std::io::Error::other(e)),

@@ -301,7 +301,7 @@ pub fn spawn(l: &Launch<'_>, program: &str) -> io::Result<Spawned> {
 
 /// The stdin thread: writes what the main loop sends; `Close` closes the
 /// pipe (ignored for a TTY, whose master is also the output).
-fn start_stdin(file: File, tty: bool) -> mpsc::Sender<StdinCmd> {
+pub fn start_stdin(file: File, tty: bool) -> mpsc::Sender<StdinCmd> {
     let (tx, rx) = mpsc::channel::<StdinCmd>();
     std::thread::spawn(move || {
         let mut file = Some(file);
