@@ -358,7 +358,7 @@ impl Engine {
             // Bump the leading format number whenever the VM's device layout
             // or the way templates are made changes.
             let generation = format!(
-                "format=1|cmdline={}|kernel={}:{}:{:?}|initrd={}|{}",
+                "format=2|cmdline={}|kernel={}:{}:{:?}|initrd={}|{}",
                 vessel_vm::qemu::KERNEL_CMDLINE,
                 cfg.kernel.display(),
                 kmeta.len(),
@@ -1343,7 +1343,6 @@ impl Engine {
     ) -> VmSpec {
         VmSpec {
             name,
-            run_dir,
             kernel: self.inner.cfg.kernel.clone(),
             initrd: self.inner.initrd.clone(),
             image_disk,
@@ -1355,6 +1354,8 @@ impl Engine {
                 None => Boot::Cold,
             },
             background: false,
+            taps: vessel_vm::tap_names(&run_dir),
+            run_dir,
         }
     }
 

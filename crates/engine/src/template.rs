@@ -168,6 +168,7 @@ impl Templates {
                     memory: memory.clone(),
                 },
                 background: false,
+                taps: vessel_vm::tap_names(&self.inputs.run_root.join(format!("t-{key}"))),
             };
             let r = self
                 .hv

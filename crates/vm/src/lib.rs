@@ -79,6 +79,41 @@ pub struct VmSpec {
     /// Run at a low CPU priority (nice 10) until [`set_foreground`]: a VM
     /// made ahead of time must not slow down the containers running now.
     pub background: bool,
+    /// Host tap interfaces backing the VM's network slots, one per slot
+    /// ([`NIC_SLOTS`]); see [`tap_names`]. QEMU creates them and they vanish
+    /// with the VM.
+    pub taps: Vec<String>,
+}
+
+/// Network interfaces every container VM has. microvm offers eight
+/// virtio-mmio transports without ACPI: two disks, the control channel, the
+/// entropy source and the shared-directory device take five, the
+/// network slots the other three. So a container joins at most three
+/// networks.
+pub const NIC_SLOTS: usize = 3;
+
+/// The MAC address QEMU gives network slot `slot`. The guest finds its
+/// slots by these addresses (a clone keeps its template's), then takes the
+/// container's own address.
+pub fn slot_mac(slot: usize) -> String {
+    format!("52:54:00:56:53:{:02x}", slot)
+}
+
+/// mount_tag of the shared-directory (9p) device.
+pub const SHARE_TAG: &str = "vessel-share";
+
+/// Tap names for a VM whose run directory is `run_dir`: `vt`, ten hex digits
+/// of a hash of the path, the slot number. Unique per VM and per daemon,
+/// and at most 15 bytes as Linux requires.
+pub fn tap_names(run_dir: &std::path::Path) -> Vec<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in run_dir.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..NIC_SLOTS)
+        .map(|i| format!("vt{:010x}{i}", h & 0xff_ffff_ffff))
+        .collect()
 }
 
 /// How a VM comes to life.

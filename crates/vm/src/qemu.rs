@@ -17,6 +17,9 @@ pub const CONTROL_SOCKET: &str = "ctl.sock";
 pub const QMP_SOCKET: &str = "qmp.sock";
 /// QEMU's pid file.
 pub const PID_FILE: &str = "qemu.pid";
+/// Directory shared with the guest over 9p ([`crate::SHARE_TAG`]): the
+/// daemon bind-mounts a container's volumes and bind mounts under it.
+pub const SHARE_DIR: &str = "share";
 /// The guest's serial console.
 pub const CONSOLE_LOG: &str = "console.log";
 /// QEMU's own stderr.
@@ -161,6 +164,28 @@ impl Qemu {
                 vessel_protocol::VIRTIO_PORT_NAME
             ),
         ]);
+        for (slot, tap) in spec.taps.iter().enumerate() {
+            // vhost stays off: it needs KVM's ioeventfd, and a template's
+            // device state must restore the same way on both paths.
+            push(&[
+                "-netdev",
+                &format!("tap,id=net{slot},ifname={tap},script=no,downscript=no,vhost=off"),
+                "-device",
+                &format!(
+                    "virtio-net-device,netdev=net{slot},mac={}",
+                    crate::slot_mac(slot)
+                ),
+            ]);
+        }
+        push(&[
+            "-fsdev",
+            &format!(
+                "local,id=share,path={},security_model=passthrough",
+                run(SHARE_DIR)
+            ),
+            "-device",
+            &format!("virtio-9p-device,fsdev=share,mount_tag={}", crate::SHARE_TAG),
+        ]);
         push(&[
             "-object",
             "rng-random,id=rng,filename=/dev/urandom",
@@ -191,6 +216,9 @@ impl Hypervisor for Qemu {
     fn spawn(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
         std::fs::create_dir_all(&spec.run_dir)
             .map_err(|e| VmError::io(format!("create {}", spec.run_dir.display()), e))?;
+        let share = spec.run_dir.join(SHARE_DIR);
+        std::fs::create_dir_all(&share)
+            .map_err(|e| VmError::io(format!("create {}", share.display()), e))?;
         let ctl = spec.run_dir.join(CONTROL_SOCKET);
         for f in [CONTROL_SOCKET, QMP_SOCKET, PID_FILE] {
             let _ = std::fs::remove_file(spec.run_dir.join(f));
@@ -359,6 +387,7 @@ mod tests {
             vcpus: 2,
             boot: Boot::Cold,
             background: false,
+            taps: crate::tap_names(Path::new("/run/x")),
         }
     }
 

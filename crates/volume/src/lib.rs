@@ -1,0 +1,1 @@
+//! Volumes of Vessel (see the crate description).
