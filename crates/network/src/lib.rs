@@ -10,3 +10,77 @@
 //! names, subnets, interface names and addresses. Everything it makes on the
 //! host is named after the daemon's bridge prefix, so that one daemon never
 //! touches another's objects and leftovers can be found and removed.
+
+pub mod bridge;
+pub mod firewall;
+pub mod ipam;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// Errors of host networking.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Bad input from the user (a subnet, an address, an option).
+    #[error("{0}")]
+    Invalid(String),
+    /// A host tool (`ip`, `nft`) failed.
+    #[error("{0}")]
+    Host(String),
+}
+
+pub(crate) fn run_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NetError::Host(format!("run {tool}: {e}")))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| NetError::Host(format!("write to {tool}: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| NetError::Host(format!("run {tool}: {e}")))?;
+    if !out.status.success() {
+        return Err(NetError::Host(format!(
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip` with JSON output and parses it.
+pub(crate) fn run_json(args: &[&str]) -> Result<serde_json::Value, NetError> {
+    let out = run_tool("ip", args, None)?;
+    if out.trim().is_empty() {
+        return Ok(serde_json::Value::Array(vec![]));
+    }
+    serde_json::from_str(&out).map_err(|e| NetError::Host(format!("ip {}: {e}", args.join(" "))))
+}
+
+/// Runs several `ip` commands in one process (`ip -batch -`), stopping at
+/// the first that fails.
+pub(crate) fn run_ip_batch(lines: &[String]) -> Result<(), NetError> {
+    let mut script = lines.join("\n");
+    script.push('\n');
+    run_tool("ip", &["-batch", "-"], Some(&script)).map(|_| ())
+}
+
+/// Turns on IPv4 forwarding, without which no container reaches past its
+/// bridge.
+pub fn enable_forwarding() -> Result<(), NetError> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(path).map(|s| s.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(path, "1").map_err(|e| NetError::Host(format!("write {path}: {e}")))
+}
