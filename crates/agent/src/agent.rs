@@ -76,6 +76,8 @@ struct State {
     execs: HashMap<u32, ExecProc>,
     /// Stdin of `CopyIn` children by copy id.
     copies: HashMap<u32, mpsc::Sender<StdinCmd>>,
+    /// The container's hostname, for rewriting `/etc/hosts`.
+    hostname: String,
 }
 
 impl State {
@@ -184,6 +186,25 @@ impl Agent {
                         crate::log!("resize of exec {exec_id}: {e}");
                     }
                 }
+            }
+            HostMsg::SetInterfaces {
+                req_id,
+                interfaces,
+                hosts,
+            } => {
+                let (root, hostname) = {
+                    let st = self.state();
+                    (st.rootfs.clone(), st.hostname.clone())
+                };
+                let mut result = crate::net::apply(&interfaces).map_err(|e| e.to_string());
+                if let (Ok(()), Some(root)) = (&result, root) {
+                    result = rootfs::write_etc(&root, &hostname, &hosts)
+                        .map_err(|e| format!("writing /etc/hosts: {e}"));
+                }
+                self.writer.send(&GuestMsg::InterfacesSet {
+                    req_id,
+                    error: result.err(),
+                });
             }
             HostMsg::Shutdown => {
                 crate::log!("shutdown requested");
@@ -442,6 +463,13 @@ impl Agent {
         }
         rootfs::write_etc(&root, &spec.hostname, &spec.extra_hosts)
             .map_err(|e| StartError::other(format!("writing /etc/hosts: {e}")))?;
+        st.hostname = spec.hostname.clone();
+        if let Some(text) = &spec.resolv_conf {
+            rootfs::write_resolv_conf(&root, text)
+                .map_err(|e| StartError::other(format!("writing /etc/resolv.conf: {e}")))?;
+        }
+        crate::net::apply(&spec.interfaces)
+            .map_err(|e| StartError::other(format!("network interfaces: {e}")))?;
         if !spec.hostname.is_empty() {
             if let Err(e) = nix::unistd::sethostname(&spec.hostname) {
                 crate::log!("sethostname: {e}");

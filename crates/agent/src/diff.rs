@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use crate::rootfs::{LOWER, UPPERFS};
 
 /// Paths the agent writes or mounts in every container.
-const AGENT_PATHS: [&str; 7] = [
+const AGENT_PATHS: [&str; 8] = [
     "/etc/hostname",
     "/etc/hosts",
+    "/etc/resolv.conf",
     "/etc/resolv.conf",
     "/etc/machine-id",
     "/proc",

@@ -33,6 +33,7 @@ mod channel;
 mod command;
 mod copy;
 mod diff;
+mod net;
 mod process;
 mod rootfs;
 mod system;
@@ -71,6 +72,9 @@ fn main() {
     }
 
     system::early_boot();
+    if let Err(e) = net::name_slots() {
+        log!("naming the network slots: {e}");
+    }
     let kind = system::transport_from_cmdline(&system::cmdline());
     log!("waiting for the host on {kind:?}");
     let (mut channel, writer) = match channel::open(kind) {

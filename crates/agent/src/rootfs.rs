@@ -231,6 +231,17 @@ pub fn write_etc(root: &Path, hostname: &str, extra_hosts: &[String]) -> io::Res
     Ok(())
 }
 
+/// Writes the container's `/etc/resolv.conf` (replacing a symlink the image
+/// may have there).
+pub fn write_resolv_conf(root: &Path, text: &str) -> io::Result<()> {
+    dir_in_root(root, "/etc")?;
+    let path = resolve_in_root(root, Path::new("/etc"))?.join("resolv.conf");
+    if path.is_symlink() {
+        std::fs::remove_file(&path)?;
+    }
+    std::fs::write(path, text)
+}
+
 /// Gives the container a machine id of its own when its image leaves
 /// `/etc/machine-id` empty or absent (as systemd-based images do): every VM,
 /// clones of one template included, is a distinct machine. An id the image

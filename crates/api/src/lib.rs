@@ -9,6 +9,7 @@
 //! every request is translated into one engine call.
 
 mod images;
+mod networks;
 pub mod stream;
 pub mod version;
 
@@ -65,6 +66,7 @@ impl From<EngineError> for ApiError {
             EngineError::Conflict(_) => StatusCode::CONFLICT,
             EngineError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             EngineError::NotModified => StatusCode::NOT_MODIFIED,
+            EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
@@ -136,6 +138,7 @@ struct AppState {
 /// Builds the service: version negotiation in front of the routes.
 pub fn service(engine: Engine) -> Router {
     let routes = Router::new()
+        .merge(networks::routes())
         .route("/_ping", get(ping).head(ping))
         .route("/version", get(version))
         .route("/info", get(info))

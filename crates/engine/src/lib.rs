@@ -16,6 +16,7 @@ mod exec;
 mod health;
 mod logs;
 mod names;
+mod network;
 mod pool;
 mod record;
 pub mod signal;
@@ -47,6 +48,7 @@ pub use exec::{ExecHandle, ExecState};
 pub use logs::LogEntry;
 pub use copy::ArchiveStream;
 pub use vessel_protocol::PathStat;
+pub use network::{NetworkConfig, NetworkFilters, NetworkRecord};
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
 
 /// Default guest memory when `--memory` is not given.
@@ -75,6 +77,9 @@ pub enum EngineError {
     /// 304: nothing to do.
     #[error("not modified")]
     NotModified,
+    /// 403.
+    #[error("{0}")]
+    Forbidden(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -126,6 +131,8 @@ pub struct EngineConfig {
     pub warm_vms: usize,
     /// Registries: mirrors, insecure registries, trusted CAs.
     pub registry: vessel_registry::RegistryConfig,
+    /// The default network's bridge and subnet.
+    pub network: NetworkConfig,
 }
 
 /// Output of a container as attach clients see it.
@@ -283,6 +290,11 @@ struct Inner {
     registry: Arc<vessel_registry::Registry>,
     /// `docker top` requests waiting for their answer, by request id.
     tops: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<TopAnswer>>>,
+    /// Networks and the firewall.
+    networks: Arc<network::Networks>,
+    /// Interface changes (`docker network connect`) waiting for the agent's
+    /// answer, by request id.
+    iface_waiters: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Option<String>>>>,
     /// Copies (`docker cp`) under way, by copy id.
     copies: Mutex<HashMap<u32, tokio::sync::mpsc::UnboundedSender<copy::CopyEvent>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
@@ -390,6 +402,7 @@ impl Engine {
             None
         };
         let registry = Arc::new(vessel_registry::Registry::new(cfg.registry.clone()));
+        let networks = Arc::new(network::Networks::open(cfg.network.clone(), &store)?);
         let engine = Engine {
             inner: Arc::new(Inner {
                 cfg,
@@ -403,6 +416,8 @@ impl Engine {
                 templates,
                 pool,
                 registry,
+                networks,
+                iface_waiters: Mutex::new(HashMap::new()),
                 copies: Mutex::new(HashMap::new()),
                 tops: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
@@ -992,6 +1007,18 @@ impl Engine {
             }
         }
         let shape = self.shape(&host_config)?;
+        let mut host_config = host_config;
+        if matches!(host_config.network_mode.as_deref(), None | Some("") | Some("default")) {
+            host_config.network_mode = Some("bridge".into());
+        }
+        let endpoints = network::endpoints_for_create(
+            &self.inner.networks,
+            host_config.network_mode.as_deref(),
+            body.networking_config
+                .as_ref()
+                .and_then(|n| n.endpoints_config.as_ref()),
+            None,
+        )?;
         let config = merge_config(&body, &image.config, &image_name);
         let mut argv = config.entrypoint.clone().unwrap_or_default();
         argv.extend(config.cmd.clone().unwrap_or_default());
@@ -1065,6 +1092,9 @@ impl Engine {
             manually_stopped: false,
             fresh_upper: true,
             vm_name: None,
+            networks: endpoints,
+            taps: vec![],
+            published: vec![],
         };
         let dir = self.container_dir(&id);
         std::fs::create_dir_all(&dir)
@@ -1158,6 +1188,7 @@ impl Engine {
                     if r.state.error.is_empty() {
                         r.state.error = e.to_string();
                     }
+                    network::release(r);
                 });
                 let _ = self.persist(&rec);
                 let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
@@ -1206,7 +1237,7 @@ impl Engine {
                 }),
             _ => None,
         };
-        let (pid, t_spawn, mut reader, writer, state, boot_kind, vm_name) = match warm {
+        let (pid, t_spawn, mut reader, writer, state, boot_kind, vm_name, taps) = match warm {
             Some(vm) => {
                 if let Err(e) = vessel_vm::set_foreground(vm.pid) {
                     warn!(id = %rec.id, "raising the warm VM's CPU priority: {e}");
@@ -1217,7 +1248,7 @@ impl Engine {
                     kernel_release: String::new(),
                     process: ProcessState::Idle,
                 };
-                (vm.pid, Duration::ZERO, vm.reader, vm.writer, idle, "warm", Some(vm.name))
+                (vm.pid, Duration::ZERO, vm.reader, vm.writer, idle, "warm", Some(vm.name), vm.taps)
             }
             None => {
                 let mut spec =
@@ -1240,16 +1271,22 @@ impl Engine {
                 } else {
                     "cold"
                 };
-                (pid, t_spawn, reader, writer, state, kind, None)
+                (pid, t_spawn, reader, writer, state, kind, None, spec.taps.clone())
             }
         };
         h.killed.store(false, Ordering::SeqCst);
         let rec = h.update(|r| {
             r.fresh_upper = false;
             r.vm_name = vm_name;
+            r.taps = taps;
         });
         self.persist(&rec)?;
         let vm_name = rec.vm_name().to_string();
+        if let Err(e) = self.join_networks(h) {
+            vessel_vm::kill_vm(pid, &vm_name);
+            return Err(e);
+        }
+        let rec = h.rec();
         let t_spawn = t_spawn + t_disk;
         let fail = |msg: String| {
             vessel_vm::kill_vm(pid, &vm_name);
@@ -1439,14 +1476,9 @@ impl Engine {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
-            extra_hosts: rec
-                .host_config
-                .extra_hosts
-                .clone()
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|h| h.split_once(':').map(|(name, ip)| format!("{ip}\t{name}")))
-                .collect(),
+            extra_hosts: network::hosts_lines(rec),
+            interfaces: network::interfaces(rec),
+            resolv_conf: network::resolv_conf(rec),
             read_only: rec.host_config.readonly_rootfs.unwrap_or(false),
             tmpfs: sorted_pairs(rec.host_config.tmpfs.as_ref()),
             sysctls: sorted_pairs(rec.host_config.sysctls.as_ref()),
@@ -1536,6 +1568,17 @@ impl Engine {
                 }
                 Ok(Some(Incoming::Msg(msg))) => match self.copy_message(msg) {
                     None => {}
+                    Some(GuestMsg::InterfacesSet { req_id, error }) => {
+                        let waiter = self
+                            .inner
+                            .iface_waiters
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&req_id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(error);
+                        }
+                    }
                     Some(GuestMsg::Top {
                         req_id,
                         titles,
@@ -1594,6 +1637,7 @@ impl Engine {
             vessel_vm::wait_exit(pid).await;
         }
         let rec = h.update(|r| {
+            network::release(r);
             r.state.status = Status::Exited;
             r.state.pid = None;
             r.state.paused = false;

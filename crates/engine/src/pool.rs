@@ -44,6 +44,8 @@ pub(crate) struct WarmVm {
     pub pid: u32,
     pub reader: AgentReader,
     pub writer: AgentWriter,
+    /// Host taps of its network slots.
+    pub taps: Vec<String>,
 }
 
 #[derive(Default)]
@@ -338,6 +340,7 @@ impl Engine {
         }
         info!(vm = %name, image = %image_id, ms = started.elapsed().as_millis() as u64, "warm VM ready");
         Ok(WarmVm {
+            taps: spec.taps.clone(),
             name,
             run_dir,
             upper,

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use bollard_stubs::models::{
     ContainerConfig, ContainerInspectResponse, ContainerState, ContainerStateStatusEnum,
     ContainerSummary, ContainerSummaryHostConfig, ContainerSummaryNetworkSettings,
-    ContainerSummaryStateEnum, DriverData, HostConfig, NetworkSettings,
+    ContainerSummaryStateEnum, DriverData, HostConfig, NetworkSettings, PortSummary,
+    PortSummaryTypeEnum,
 };
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +112,56 @@ pub struct ContainerRecord {
     /// (a warm VM started before its container existed).
     #[serde(default)]
     pub vm_name: Option<String>,
+    /// The networks the container is on, by network name.
+    #[serde(default)]
+    pub networks: std::collections::BTreeMap<String, Endpoint>,
+    /// Host taps of the current VM's network slots.
+    #[serde(default)]
+    pub taps: Vec<String>,
+    /// Ports published while running.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
+}
+
+/// A container's place on one network. The address part is set while the
+/// container runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The network's id.
+    pub network_id: String,
+    /// Endpoint id (Docker shows one).
+    pub endpoint_id: String,
+    /// `--network-alias`.
+    pub aliases: Vec<String>,
+    /// `--ip`.
+    pub requested_ip: Option<String>,
+    /// `--mac-address`.
+    pub requested_mac: Option<String>,
+    /// NIC slot while running.
+    pub slot: Option<u8>,
+    /// Address while running.
+    pub ip: Option<String>,
+    /// Prefix length of the network.
+    pub prefix: u8,
+    /// The network's gateway.
+    pub gateway: Option<String>,
+    /// This endpoint carries the default route.
+    pub default_route: bool,
+    /// MAC address while running.
+    pub mac: Option<String>,
+}
+
+/// One published port of a running container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// Container port.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Host address listened on (`0.0.0.0` for all).
+    pub host_ip: String,
+    /// Host port.
+    pub host_port: u16,
 }
 
 impl ContainerRecord {
@@ -250,11 +301,40 @@ impl ContainerRecord {
             mounts: Some(vec![]),
             config: Some(self.config.clone()),
             network_settings: Some(NetworkSettings {
-                networks: Some(HashMap::new()),
-                ..Default::default()
+                networks: Some(
+                    self.networks
+                        .iter()
+                        .map(|(name, ep)| (name.clone(), crate::network::endpoint_settings(self, ep)))
+                        .collect(),
+                ),
+                ports: Some(self.port_map()),
+                sandbox_id: Some(String::new()),
+                sandbox_key: Some(String::new()),
             }),
             ..Default::default()
         }
+    }
+
+    /// `NetworkSettings.Ports`: every exposed port, with its host
+    /// bindings while running (Docker shows `{}` for a stopped container).
+    pub fn port_map(&self) -> bollard_stubs::models::PortMap {
+        let mut map = bollard_stubs::models::PortMap::new();
+        if !self.running() {
+            return map;
+        }
+        for key in self.config.exposed_ports.iter().flatten() {
+            map.insert(key.clone(), None);
+        }
+        for p in &self.published {
+            map.entry(format!("{}/{}", p.port, p.proto))
+                .or_insert(None)
+                .get_or_insert_with(Vec::new)
+                .push(bollard_stubs::models::PortBinding {
+                    host_ip: Some(p.host_ip.clone()),
+                    host_port: Some(p.host_port.to_string()),
+                });
+        }
+        map
     }
 
     /// The `docker ps` row.
@@ -277,7 +357,21 @@ impl ContainerRecord {
             image_id: Some(self.image_id.clone()),
             command: Some(self.command()),
             created: Some(created),
-            ports: Some(vec![]),
+            ports: Some(
+                self.published
+                    .iter()
+                    .map(|p| PortSummary {
+                        ip: Some(p.host_ip.clone()),
+                        private_port: p.port,
+                        public_port: Some(p.host_port),
+                        typ: Some(if p.proto == "udp" {
+                            PortSummaryTypeEnum::UDP
+                        } else {
+                            PortSummaryTypeEnum::TCP
+                        }),
+                    })
+                    .collect(),
+            ),
             labels: Some(self.config.labels.clone().unwrap_or_default()),
             state: Some(state),
             status: Some(self.status_text()),
@@ -286,12 +380,18 @@ impl ContainerRecord {
                     self.host_config
                         .network_mode
                         .clone()
-                        .unwrap_or_else(|| "none".into()),
+                        .filter(|m| !m.is_empty())
+                        .unwrap_or_else(|| "bridge".into()),
                 ),
                 ..Default::default()
             }),
             network_settings: Some(ContainerSummaryNetworkSettings {
-                networks: Some(HashMap::new()),
+                networks: Some(
+                    self.networks
+                        .iter()
+                        .map(|(name, ep)| (name.clone(), crate::network::endpoint_settings(self, ep)))
+                        .collect(),
+                ),
             }),
             mounts: Some(vec![]),
             ..Default::default()

@@ -264,6 +264,18 @@ pub enum HostMsg {
         /// Host-chosen id, echoed in the answer.
         req_id: u32,
     },
+    /// The container joined or left a network while running: the complete
+    /// new set of interfaces (slots not listed go down). Answered by
+    /// [`GuestMsg::InterfacesSet`].
+    SetInterfaces {
+        /// Host-chosen id, echoed in the answer.
+        req_id: u32,
+        /// Every interface the container has now.
+        interfaces: Vec<InterfaceSpec>,
+        /// Lines to add to `/etc/hosts` (`IP<TAB>NAME`), replacing those
+        /// of the previous set.
+        hosts: Vec<String>,
+    },
     /// The host has durably handled every output frame up to and including
     /// `seq`: the agent may forget them (see the crate docs, "Acknowledgement
     /// and replay").
@@ -292,6 +304,13 @@ pub enum GuestMsg {
         copy_id: u32,
         /// What Docker's `X-Docker-Container-Path-Stat` header carries.
         stat: PathStat,
+    },
+    /// Answer to [`HostMsg::SetInterfaces`].
+    InterfacesSet {
+        /// The request's id.
+        req_id: u32,
+        /// Why the change failed, if it did.
+        error: Option<String>,
     },
     /// The container's processes (`ps -ef` columns).
     Top {
@@ -426,6 +445,13 @@ pub struct ProcessSpec {
     /// `--sysctl KEY=VALUE`: written to `/proc/sys` before the process starts.
     #[serde(default)]
     pub sysctls: Vec<(String, String)>,
+    /// The container's network interfaces (empty: only loopback).
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceSpec>,
+    /// Content for the container's `/etc/resolv.conf`; `None` keeps the
+    /// image's file.
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
     /// Fresh random bytes (hex) the agent mixes into the guest's RNG and
     /// reseeds from: a VM restored from a template must not share the
     /// template's random state with its siblings.
@@ -860,4 +886,29 @@ mod tests {
         let json = serde_json::to_string(&ProcessState::Running { pid: 3 }).expect("json");
         assert_eq!(json, r#"{"state":"running","pid":3}"#);
     }
+}
+
+/// One network interface of a container VM: which slot (the VM's NIC
+/// number, shown as `eth<slot>` in the guest), its MAC address and its IPv4
+/// configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceSpec {
+    /// NIC slot, 0-based.
+    pub slot: u8,
+    /// The container's MAC address on this network.
+    pub mac: String,
+    /// IPv4 address.
+    pub address: String,
+    /// Prefix length of the network.
+    pub prefix: u8,
+    /// Default gateway through this interface; set on one interface only.
+    pub gateway: Option<String>,
+}
+
+/// The MAC address QEMU gives network slot `slot` of every VM. The guest
+/// agent finds its slots by these addresses at boot (a clone keeps its
+/// template's) and names them `eth<slot>`; each container then gets its own
+/// address.
+pub fn slot_mac(slot: usize) -> String {
+    format!("52:54:00:56:53:{slot:02x}")
 }

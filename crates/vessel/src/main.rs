@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tracing::info;
-use vessel_engine::{Engine, EngineConfig, DEFAULT_MEMORY_MIB};
+use vessel_engine::{Engine, EngineConfig, NetworkConfig, DEFAULT_MEMORY_MIB};
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +82,16 @@ struct DaemonArgs {
     /// instead of starting a VM (0 turns this off; needs --vm-templates).
     #[arg(long = "warm-vms", default_value_t = 1)]
     warm_vms: usize,
+    /// Host bridge of the default `bridge` network; it also names the
+    /// daemon's nftables table. Default: `vessel0` with the default data
+    /// root, else `vb` and a hash of the data root, so that two daemons
+    /// never share one.
+    #[arg(long = "bridge-name")]
+    bridge_name: Option<String>,
+    /// Address and prefix of the default bridge (dockerd's --bip, e.g.
+    /// 172.26.0.1/16); a free subnet when unset.
+    #[arg(long = "bip")]
+    bip: Option<String>,
     /// Write the daemon's PID to this file (dockerd's -p/--pidfile).
     #[arg(short = 'p', long = "pidfile")]
     pidfile: Option<PathBuf>,
@@ -102,6 +112,7 @@ struct ConfigFile {
     insecure_registries: Vec<String>,
     #[serde(rename = "data-root")]
     data_root: Option<PathBuf>,
+    bip: Option<String>,
 }
 
 fn read_config(path: &std::path::Path) -> anyhow::Result<ConfigFile> {
@@ -117,6 +128,20 @@ fn read_config(path: &std::path::Path) -> anyhow::Result<ConfigFile> {
     };
     serde_json::from_str(&text)
         .with_context(|| format!("unable to configure the daemon from {}", path.display()))
+}
+
+/// `vessel0` for the default data root, else `vb` and eight hex digits of
+/// a hash of the data root.
+fn default_bridge_name(data_root: &std::path::Path) -> String {
+    if data_root == std::path::Path::new("/var/lib/vessel") {
+        return "vessel0".into();
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data_root.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("vb{h:08x}")
 }
 
 fn find_in_path(name: &PathBuf) -> PathBuf {
@@ -168,6 +193,13 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         templates: args.vm_templates,
         warm_vms: args.warm_vms,
         registry,
+        network: NetworkConfig {
+            bridge_name: args
+                .bridge_name
+                .clone()
+                .unwrap_or_else(|| default_bridge_name(&data_root)),
+            bip: args.bip.clone().or(file.bip),
+        },
     };
     let engine = Engine::open(cfg).await.context("starting the engine")?;
     let facts = engine.facts();

@@ -92,12 +92,7 @@ pub struct VmSpec {
 /// networks.
 pub const NIC_SLOTS: usize = 3;
 
-/// The MAC address QEMU gives network slot `slot`. The guest finds its
-/// slots by these addresses (a clone keeps its template's), then takes the
-/// container's own address.
-pub fn slot_mac(slot: usize) -> String {
-    format!("52:54:00:56:53:{:02x}", slot)
-}
+pub use vessel_protocol::slot_mac;
 
 /// mount_tag of the shared-directory (9p) device.
 pub const SHARE_TAG: &str = "vessel-share";
