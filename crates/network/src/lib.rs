@@ -10,3 +10,5 @@
 //! names, subnets, interface names and addresses. Everything it makes on the
 //! host is named after the daemon's bridge prefix, so that one daemon never
 //! touches another's objects and leftovers can be found and removed.
+
+pub mod dns;
