@@ -12,8 +12,10 @@
 //! touches another's objects and leftovers can be found and removed.
 
 pub mod bridge;
+pub mod dns;
 pub mod firewall;
 pub mod ipam;
+
 
 use std::io::Write;
 use std::process::{Command, Stdio};
