@@ -12,3 +12,4 @@
 //! touches another's objects and leftovers can be found and removed.
 
 pub mod dns;
+pub mod proxy;
