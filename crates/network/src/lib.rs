@@ -15,6 +15,7 @@ pub mod bridge;
 pub mod dns;
 pub mod firewall;
 pub mod ipam;
+pub mod proxy;
 
 
 use std::io::Write;
