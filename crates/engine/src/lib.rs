@@ -292,6 +292,8 @@ struct Inner {
     tops: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<TopAnswer>>>,
     /// Networks and the firewall.
     networks: Arc<network::Networks>,
+    /// DNS servers and published-port proxies.
+    net_services: network::NetServices,
     /// Interface changes (`docker network connect`) waiting for the agent's
     /// answer, by request id.
     iface_waiters: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Option<String>>>>,
@@ -417,6 +419,7 @@ impl Engine {
                 pool,
                 registry,
                 networks,
+                net_services: network::NetServices::default(),
                 iface_waiters: Mutex::new(HashMap::new()),
                 copies: Mutex::new(HashMap::new()),
                 tops: Mutex::new(HashMap::new()),
@@ -428,6 +431,7 @@ impl Engine {
             }),
         };
         engine.recover().await?;
+        engine.refresh_dns().await;
         if let Some(t) = &engine.inner.templates {
             let shape = VmShape {
                 memory_mib: engine.inner.cfg.default_memory_mib,
@@ -726,6 +730,7 @@ impl Engine {
         let rec = h.update(|r| r.name = name.clone());
         self.persist(&rec)?;
         self.container_event(&rec, "rename", &[("oldName", format!("/{old}"))]);
+        self.refresh_dns().await;
         Ok(())
     }
 
@@ -1190,6 +1195,7 @@ impl Engine {
                     }
                     network::release(r);
                 });
+                self.unpublish_ports(&rec.id);
                 let _ = self.persist(&rec);
                 let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
                 // Docker removes an auto-remove container whose start failed;
@@ -1286,6 +1292,10 @@ impl Engine {
             vessel_vm::kill_vm(pid, &vm_name);
             return Err(e);
         }
+        if let Err(e) = self.publish_ports(h).await {
+            vessel_vm::kill_vm(pid, &vm_name);
+            return Err(e);
+        }
         let rec = h.rec();
         let t_spawn = t_spawn + t_disk;
         let fail = |msg: String| {
@@ -1360,6 +1370,7 @@ impl Engine {
             "container started"
         );
         self.container_event(&rec, "start", &[]);
+        self.refresh_dns().await;
         if boot_kind != "warm" {
             self.refill_warm(&rec.image_id, &rec.vm);
         }
@@ -1649,6 +1660,8 @@ impl Engine {
         if let Err(e) = self.persist(&rec) {
             warn!(%id, "cannot save exit: {e}");
         }
+        self.unpublish_ports(&id);
+        self.refresh_dns().await;
         for e in self.execs_of(&id) {
             e.finish(137, Some(format!("container {id} stopped")));
         }
@@ -2305,6 +2318,7 @@ impl Engine {
                     tokio::spawn(self.clone().monitor(h.clone(), reader, pid, exited));
                     if exited.is_none() {
                         self.start_health_checks(&h, &rec);
+                        self.republish_ports(&rec).await;
                     }
                     info!(%id, pid, "reattached to running container");
                     return;
@@ -2315,6 +2329,7 @@ impl Engine {
             vessel_vm::kill_vm(pid, &vm_name);
         }
         let rec = h.update(|r| {
+            network::release(r);
             r.state.status = Status::Exited;
             r.state.pid = None;
             r.state.exit_code = 255;

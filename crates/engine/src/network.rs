@@ -891,6 +891,7 @@ impl crate::Engine {
         let engine = self.clone();
         let n = crate::blocking(move || nets.create(&engine.inner.store, req)).await??;
         event(&self.inner.events, &n, "create", None);
+        self.refresh_dns().await;
         Ok(n.id)
     }
 
@@ -912,6 +913,7 @@ impl crate::Engine {
         let (nets, engine, n2) = (self.inner.networks.clone(), self.clone(), n.clone());
         crate::blocking(move || nets.remove(&engine.inner.store, &n2)).await??;
         event(&self.inner.events, &n, "destroy", None);
+        self.refresh_dns().await;
         Ok(())
     }
 
@@ -1086,6 +1088,7 @@ impl crate::Engine {
         }
         self.persist(&h.rec())?;
         event(&self.inner.events, &n, "connect", Some(&rec.id));
+        self.refresh_dns().await;
         Ok(())
     }
 
@@ -1124,6 +1127,220 @@ impl crate::Engine {
         }
         self.persist(&rec)?;
         event(&self.inner.events, &n, "disconnect", Some(&rec.id));
+        self.refresh_dns().await;
         Ok(())
+    }
+}
+
+/// The ports a container asks to publish: `(container port, protocol,
+/// host address, host port or 0 for any)`, from `-p` and, with `-P`, every
+/// exposed port. Checked at create.
+pub(crate) fn port_requests(
+    rec_config: &bollard_stubs::models::ContainerConfig,
+    hc: &bollard_stubs::models::HostConfig,
+) -> Result<Vec<(u16, Proto, String, u16)>, EngineError> {
+    fn key(k: &str) -> Result<(u16, Proto), EngineError> {
+        let (p, proto) = k.split_once('/').unwrap_or((k, "tcp"));
+        let port: u16 = p
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| EngineError::InvalidParameter(format!("invalid port specification: \"{k}\"")))?;
+        let proto: Proto = proto.parse().map_err(|_| {
+            EngineError::InvalidParameter(format!(
+                "invalid proto \"{proto}\" in port specification \"{k}\": Vessel publishes tcp and udp ports"
+            ))
+        })?;
+        Ok((port, proto))
+    }
+    let mut out = vec![];
+    for (k, bindings) in hc.port_bindings.iter().flatten() {
+        let (port, proto) = key(k)?;
+        for b in bindings.iter().flatten() {
+            let host_ip = b.host_ip.clone().filter(|s| !s.is_empty()).unwrap_or("0.0.0.0".into());
+            host_ip.parse::<std::net::IpAddr>().map_err(|_| {
+                EngineError::InvalidParameter(format!("invalid host IP address: {host_ip}"))
+            })?;
+            let hp = b.host_port.clone().unwrap_or_default();
+            let host_port: u16 = if hp.is_empty() {
+                0
+            } else {
+                // A range ("8000-8010") takes its first port that is free;
+                // the first one is tried here, the rest at start.
+                hp.split('-').next().unwrap_or("").parse().map_err(|_| {
+                    EngineError::InvalidParameter(format!("invalid hostPort: {hp}"))
+                })?
+            };
+            out.push((port, proto, host_ip, host_port));
+        }
+    }
+    if hc.publish_all_ports == Some(true) {
+        for k in rec_config.exposed_ports.iter().flatten() {
+            let (port, proto) = key(k)?;
+            if !out.iter().any(|(p, pr, _, _)| *p == port && *pr == proto) {
+                out.push((port, proto, "0.0.0.0".into(), 0));
+            }
+        }
+    }
+    Ok(out)
+}
+
+use vessel_network::proxy::{PortProxy, Proto};
+
+/// Services the daemon runs for networks and containers: one DNS server
+/// per bridge network and the proxies of published ports.
+#[derive(Default)]
+pub(crate) struct NetServices {
+    dns: tokio::sync::Mutex<HashMap<String, (vessel_network::dns::DnsServer, Arc<vessel_network::dns::NameTable>)>>,
+    proxies: Mutex<HashMap<String, Vec<PortProxy>>>,
+}
+
+use std::sync::Arc;
+
+impl crate::Engine {
+    /// Starts the proxies of a starting container's published ports and
+    /// records them. Any port that cannot be had fails the whole start.
+    pub(crate) async fn publish_ports(&self, h: &crate::Handle) -> Result<(), EngineError> {
+        let rec = h.rec();
+        let wanted = port_requests(&rec.config, &rec.host_config)?;
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let target_ip: Ipv4Addr = rec
+            .networks
+            .values()
+            .filter(|e| e.slot.is_some())
+            .min_by_key(|e| e.slot)
+            .and_then(|e| e.ip.as_deref()?.parse().ok())
+            .ok_or_else(|| {
+                EngineError::InvalidParameter(
+                    "conflicting options: port publishing and the container type network mode".into(),
+                )
+            })?;
+        let mut proxies = vec![];
+        let mut published = vec![];
+        for (port, proto, host_ip, host_port) in wanted {
+            let ip: std::net::IpAddr = host_ip
+                .parse()
+                .map_err(|_| EngineError::InvalidParameter(format!("invalid host IP address: {host_ip}")))?;
+            let listen = std::net::SocketAddr::new(ip, host_port);
+            let target = std::net::SocketAddr::new(std::net::IpAddr::V4(target_ip), port);
+            match PortProxy::start(proto, listen, target, Some(vessel_network::firewall::PROXY_MARK)).await {
+                Ok(p) => {
+                    published.push(crate::record::PublishedPort {
+                        port,
+                        proto: proto.as_str().into(),
+                        host_ip: host_ip.clone(),
+                        host_port: p.local_addr().port(),
+                    });
+                    proxies.push(p);
+                }
+                Err(e) => {
+                    let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        "port is already allocated".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    return Err(EngineError::Internal(format!(
+                        "driver failed programming external connectivity on endpoint {} ({}): Bind for {host_ip}:{host_port} failed: {why}",
+                        rec.name, rec.id
+                    )));
+                }
+            }
+        }
+        let rec = h.update(|r| r.published = published);
+        self.persist(&rec)?;
+        self.inner
+            .net_services
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.id.clone(), proxies);
+        Ok(())
+    }
+
+    /// Re-creates the proxies of a running container after a daemon
+    /// restart, on the host ports it had.
+    pub(crate) async fn republish_ports(&self, rec: &ContainerRecord) {
+        let Some(target_ip) = rec
+            .networks
+            .values()
+            .filter(|e| e.slot.is_some())
+            .min_by_key(|e| e.slot)
+            .and_then(|e| e.ip.as_deref()?.parse::<Ipv4Addr>().ok())
+        else {
+            return;
+        };
+        let mut proxies = vec![];
+        for p in &rec.published {
+            let (Ok(ip), Ok(proto)) = (p.host_ip.parse::<std::net::IpAddr>(), p.proto.parse::<Proto>()) else {
+                continue;
+            };
+            let listen = std::net::SocketAddr::new(ip, p.host_port);
+            let target = std::net::SocketAddr::new(std::net::IpAddr::V4(target_ip), p.port);
+            match PortProxy::start(proto, listen, target, Some(vessel_network::firewall::PROXY_MARK)).await {
+                Ok(px) => proxies.push(px),
+                Err(e) => warn!(id = %rec.id, "publishing {}:{} again: {e}", p.host_ip, p.host_port),
+            }
+        }
+        self.inner
+            .net_services
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.id.clone(), proxies);
+    }
+
+    /// Stops a container's published ports.
+    pub(crate) fn unpublish_ports(&self, id: &str) {
+        self.inner
+            .net_services
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Brings the DNS servers in line with the networks and running
+    /// containers: one per bridge network on its gateway, answering the
+    /// names of the containers on user-defined networks.
+    pub(crate) async fn refresh_dns(&self) {
+        let recs: Vec<ContainerRecord> = self.handles().iter().map(|h| h.rec()).collect();
+        let nets: Vec<NetworkRecord> = self.nets().all().into_iter().filter(|n| n.is_bridge()).collect();
+        let mut dns = self.inner.net_services.dns.lock().await;
+        dns.retain(|id, _| nets.iter().any(|n| &n.id == id));
+        for n in &nets {
+            let mut names: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
+            if !n.predefined() {
+                for r in recs.iter().filter(|r| r.running()) {
+                    let Some(ep) = r.networks.values().find(|e| e.network_id == n.id) else {
+                        continue;
+                    };
+                    let Some(ip) = ep.ip.as_deref().and_then(|ip| ip.parse().ok()) else {
+                        continue;
+                    };
+                    for name in dns_names(r, ep) {
+                        names.entry(name.to_lowercase()).or_default().push(ip);
+                    }
+                }
+            }
+            if let Some((_, table)) = dns.get(&n.id) {
+                table.replace(names);
+                continue;
+            }
+            let Some(gw) = n.gateway else { continue };
+            let table = Arc::new(vessel_network::dns::NameTable::default());
+            table.replace(names);
+            let upstreams = vessel_network::dns::upstreams_from_resolv_conf(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            );
+            let listen = std::net::SocketAddr::new(std::net::IpAddr::V4(gw), 53);
+            match vessel_network::dns::DnsServer::start(listen, table.clone(), upstreams).await {
+                Ok(server) => {
+                    dns.insert(n.id.clone(), (server, table));
+                }
+                Err(e) => warn!(network = %n.name, "DNS server on {listen}: {e}"),
+            }
+        }
     }
 }

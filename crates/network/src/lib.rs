@@ -17,7 +17,6 @@ pub mod firewall;
 pub mod ipam;
 pub mod proxy;
 
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
