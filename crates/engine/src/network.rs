@@ -217,9 +217,19 @@ impl Networks {
             this.lock().insert(n.id.clone(), n);
         }
         vessel_network::enable_forwarding().map_err(net_err)?;
+        let owner = this.cfg.bridge_name.clone();
         for n in this.all().iter().filter(|n| n.is_bridge()) {
             if let (Some(s), Some(g)) = (n.subnet, n.gateway) {
-                vessel_network::bridge::ensure_bridge(&n.bridge, g, &s).map_err(net_err)?;
+                vessel_network::bridge::ensure_bridge(&n.bridge, g, &s, &owner).map_err(net_err)?;
+            }
+        }
+        // Bridges of networks this daemon no longer has (a removal cut
+        // short) go.
+        let known: Vec<String> = this.all().into_iter().map(|n| n.bridge).collect();
+        for link in vessel_network::bridge::owned_links(&owner).map_err(net_err)? {
+            if !known.contains(&link) {
+                warn!(bridge = %link, "removing the bridge of a network that no longer exists");
+                vessel_network::bridge::delete_link(&link).map_err(net_err)?;
             }
         }
         this.apply_firewall()?;
@@ -415,7 +425,7 @@ impl Networks {
             .put(TABLE, &id, &n)
             .map_err(|e| internal("save network", e))?;
         self.lock().insert(id.clone(), n.clone());
-        let made = vessel_network::bridge::ensure_bridge(&n.bridge, gateway, &subnet)
+        let made = vessel_network::bridge::ensure_bridge(&n.bridge, gateway, &subnet, &self.cfg.bridge_name)
             .map_err(net_err)
             .and_then(|_| self.apply_firewall());
         if let Err(e) = made {

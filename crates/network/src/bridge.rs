@@ -7,16 +7,40 @@ use std::net::Ipv4Addr;
 use crate::ipam::Subnet;
 use crate::{run_ip_batch, run_json, NetError};
 
-/// Makes sure bridge `name` exists, carries `gateway`/`subnet.prefix()` and
-/// is up. Idempotent: a daemon restart calls it for every network.
-pub fn ensure_bridge(name: &str, gateway: Ipv4Addr, subnet: &Subnet) -> Result<(), NetError> {
+/// Makes sure bridge `name` exists, carries `gateway`/`subnet.prefix()`,
+/// is marked as `owner`'s (the link's alias, see [`owned_links`]) and is
+/// up. Idempotent: a daemon restart calls it for every network.
+pub fn ensure_bridge(
+    name: &str,
+    gateway: Ipv4Addr,
+    subnet: &Subnet,
+    owner: &str,
+) -> Result<(), NetError> {
     if !link_exists(name)? {
         run_ip_batch(&[format!("link add name {name} type bridge")])?;
     }
     run_ip_batch(&[
+        format!("link set dev {name} alias {}", owner_alias(owner)),
         format!("addr replace {gateway}/{} dev {name}", subnet.prefix()),
         format!("link set dev {name} up"),
     ])
+}
+
+fn owner_alias(owner: &str) -> String {
+    format!("vessel:{owner}")
+}
+
+/// Bridges marked as `owner`'s by [`ensure_bridge`]: what a daemon made,
+/// found even when its state is gone.
+pub fn owned_links(owner: &str) -> Result<Vec<String>, NetError> {
+    let alias = owner_alias(owner);
+    let v = run_json(&["-j", "link", "show"])?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["ifalias"].as_str() == Some(alias.as_str()))
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .collect())
 }
 
 /// Deletes link `name` if it exists.

@@ -261,6 +261,44 @@ impl Drop for Daemon {
             .arg(self.data_root())
             .status();
         std::thread::sleep(Duration::from_millis(200));
+        self.remove_host_networking();
+    }
+}
+
+impl Daemon {
+    /// The default bridge's name, as the daemon derives it from its data
+    /// root (`vb` and an FNV-1a hash).
+    pub fn bridge_name(&self) -> String {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.data_root().as_os_str().as_encoded_bytes() {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        format!("vb{h:08x}")
+    }
+
+    /// Deletes what the daemon made on the host that outlives it by design
+    /// (networks persist across daemon restarts): its bridges, found by
+    /// their alias, and its nftables table.
+    fn remove_host_networking(&self) {
+        let owner = format!("vessel:{}", self.bridge_name());
+        let out = Command::new("ip").args(["-j", "link", "show"]).output();
+        if let Ok(out) = out {
+            let links: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            for l in links.as_array().into_iter().flatten() {
+                if l["ifalias"].as_str() == Some(owner.as_str()) {
+                    if let Some(name) = l["ifname"].as_str() {
+                        let _ = Command::new("ip").args(["link", "del", name]).status();
+                    }
+                }
+            }
+        }
+        let table = format!("vessel_{}", self.bridge_name());
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &table])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
