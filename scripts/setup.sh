@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything Vessel needs on a Debian 12 host and builds it:
 #   - Debian packages (QEMU, e2fsprogs, the kernel source and its build tools,
-#     busybox-static for the demo and test images, the local registry);
+#     busybox-static for the demo and test images, the local registry,
+#     iproute2 and nftables for container networks, docker-compose for tests);
 #   - the guest kernel (built once, cached under $VESSEL_CACHE);
 #   - the release daemon and the static guest agent;
 #   - the guest files installed into $VESSEL_GUEST_DIR (default /usr/local/lib/vessel).
@@ -11,7 +12,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 guest_dir=${VESSEL_GUEST_DIR:-/usr/local/lib/vessel}
 
 packages=(qemu-system-x86 qemu-utils e2fsprogs linux-source-6.1 build-essential flex bison bc
-          libelf-dev libssl-dev busybox-static python3 docker-registry)
+          libelf-dev libssl-dev busybox-static python3 docker-registry
+          iproute2 nftables docker-compose)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
