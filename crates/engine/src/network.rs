@@ -173,6 +173,7 @@ impl Networks {
                 t.insert(id, n);
             }
         }
+        let _host_lock = vessel_network::HostLock::acquire().map_err(net_err)?;
         for (name, driver) in [("bridge", "bridge"), ("host", "host"), ("none", "null")] {
             if this.find_exact(name).is_some() {
                 continue;
@@ -337,6 +338,9 @@ impl Networks {
             ));
         }
         let _alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        // Held until the bridge has its address, which is how other daemons
+        // see the subnet as taken.
+        let _host_lock = vessel_network::HostLock::acquire().map_err(net_err)?;
         let (subnet, user_subnet) = match v4.first().and_then(|c| c.subnet.clone()) {
             Some(s) => (s.parse::<Subnet>().map_err(net_err)?, true),
             None => {

@@ -86,3 +86,37 @@ pub fn enable_forwarding() -> Result<(), NetError> {
     }
     std::fs::write(path, "1").map_err(|e| NetError::Host(format!("write {path}: {e}")))
 }
+
+/// A lock shared by every Vessel daemon on the host, held while a daemon
+/// chooses a subnet and gives its bridge the address: two daemons creating
+/// networks at the same time would otherwise pick the same free subnet.
+pub struct HostLock {
+    _file: std::fs::File,
+}
+
+impl HostLock {
+    /// Waits for the lock (`/run/lock/vessel-networks.lock`).
+    pub fn acquire() -> Result<Self, NetError> {
+        use std::os::fd::AsRawFd;
+        let dir = std::path::Path::new("/run/lock");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| NetError::Host(format!("create {}: {e}", dir.display())))?;
+        let path = dir.join("vessel-networks.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| NetError::Host(format!("open {}: {e}", path.display())))?;
+        // SAFETY: flock(2) on a descriptor `file` owns; the lock goes when
+        // the file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(NetError::Host(format!(
+                "lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Self { _file: file })
+    }
+}

@@ -1,0 +1,440 @@
+//! Container networks with the real `docker` CLI: the default bridge,
+//! user-defined networks, addresses, names, published ports, isolation,
+//! trust levels, docker-compose, and a daemon restart.
+//!
+//! Containers talk to the host over loopback and their bridges, and to an
+//! "outside host" that is a network namespace the test makes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{stderr, Daemon};
+
+/// `GET path` over plain HTTP/1.0; the body, or `None` when the server
+/// cannot be reached within two seconds.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out.split_once("\r\n\r\n")?.1.to_string())
+}
+
+fn links() -> String {
+    let out = Command::new("ip").args(["-br", "link"]).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip_of(d: &Daemon, container: &str, network: &str) -> String {
+    d.ok(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+        container,
+    ])
+    .trim()
+    .to_string()
+}
+
+/// An "outside host": a network namespace joined to the host by a veth
+/// pair, serving `marker.txt` over HTTP on port 9000.
+struct Outside {
+    ns: String,
+    host_if: String,
+    pub addr: String,
+    server: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Outside {
+    fn new() -> Self {
+        let n = std::process::id() % 200 + 20;
+        let ns = format!("vtout{n}");
+        let host_if = format!("vto{n}a");
+        let peer_if = format!("vto{n}b");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).status();
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        run(&["netns", "add", &ns]);
+        run(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if, "netns", &ns,
+        ]);
+        run(&["addr", "add", &format!("10.251.{n}.1/24"), "dev", &host_if]);
+        run(&["link", "set", &host_if, "up"]);
+        run(&["-n", &ns, "addr", "add", &format!("10.251.{n}.2/24"), "dev", &peer_if]);
+        run(&["-n", &ns, "link", "set", &peer_if, "up"]);
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("marker.txt"), "outside-ok\n").expect("marker");
+        let addr = format!("10.251.{n}.2");
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-m", "http.server", "9000", "--bind", &addr])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("http server in the namespace");
+        let o = Outside {
+            ns,
+            host_if,
+            addr,
+            server,
+            _dir: dir,
+        };
+        assert!(
+            common::eventually(10, || {
+                Command::new("ip")
+                    .args(["netns", "exec", &o.ns, "python3", "-c"])
+                    .arg(format!(
+                        "import urllib.request;urllib.request.urlopen('http://{}:9000/marker.txt',timeout=1)",
+                        o.addr
+                    ))
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            }),
+            "the outside server did not come up"
+        );
+        o
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// Waits until `container`'s httpd listens on port 80 (`run -d` returns
+/// once the process started, before it binds).
+fn wait_listening(d: &Daemon, container: &str) {
+    d.ok(&[
+        "exec",
+        container,
+        "sh",
+        "-c",
+        "for i in $(seq 100); do netstat -ltn | grep -q ':80 ' && exit 0; sleep 0.1; done; exit 1",
+    ]);
+}
+
+/// Whether `container` (running) fetches `url` within three seconds.
+fn fetches(d: &Daemon, container: &str, url: &str, want: &str) -> bool {
+    let out = d.docker(&[
+        "exec",
+        container,
+        "sh",
+        "-c",
+        &format!("timeout 3 wget -qO- {url}"),
+    ]);
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains(want)
+}
+
+#[test]
+fn user_networks_give_addresses_names_ports_and_isolation() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+
+    let ls = d.ok(&["network", "ls", "--format", "{{.Name}} {{.Driver}}"]);
+    for want in ["bridge bridge", "host host", "none null"] {
+        assert!(ls.contains(want), "{ls}");
+    }
+    // A VM cannot share the host's network stack or another container's.
+    let host = d.docker(&["run", "--rm", "--network", "host", "busybox", "true"]);
+    assert!(!host.status.success());
+    assert!(stderr(&host).contains("not supported"), "{}", stderr(&host));
+    let shared = d.docker(&["create", "--network", "container:x", "busybox", "true"]);
+    assert!(!shared.status.success());
+    assert!(stderr(&shared).contains("not supported"), "{}", stderr(&shared));
+
+    let n1 = d.ok(&["network", "create", "n1"]).trim().to_string();
+    d.ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.201.0.0/24",
+        "--gateway",
+        "10.201.0.254",
+        "--ip-range",
+        "10.201.0.128/25",
+        "--label",
+        "team=a",
+        "n2",
+    ]);
+    let dup = d.docker(&["network", "create", "n1"]);
+    assert!(stderr(&dup).contains("already exists"), "{}", stderr(&dup));
+    let overlap = d.docker(&["network", "create", "--subnet", "10.201.0.0/16", "n3"]);
+    assert!(stderr(&overlap).contains("overlaps"), "{}", stderr(&overlap));
+    let bad_gw = d.docker(&[
+        "network", "create", "--subnet", "10.202.0.0/24", "--gateway", "10.9.9.9", "n3",
+    ]);
+    assert!(!bad_gw.status.success());
+    assert!(
+        !d.ok(&["network", "ls"]).contains("n3"),
+        "a refused network is not half-made"
+    );
+    let n2 = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}} {{.Gateway}} {{.IPRange}}{{end}} {{.Labels.team}}",
+        "n2",
+    ]);
+    assert_eq!(n2.trim(), "10.201.0.0/24 10.201.0.254 10.201.0.128/25 a");
+    assert!(d
+        .ok(&["network", "ls", "--filter", "label=team=a", "--format", "{{.Name}}"])
+        .trim()
+        .eq("n2"));
+
+    // A web server on n1 with an alias and a port published on loopback.
+    d.ok(&[
+        "run", "-d", "--name", "web", "--network", "n1", "--network-alias", "site", "-p",
+        "127.0.0.1::80", "busybox", "httpd", "-f", "-p", "80", "-h", "/etc",
+    ]);
+    wait_listening(&d, "web");
+    let web_id = d.ok(&["inspect", "-f", "{{.Id}}", "web"]);
+    let short = &web_id.trim()[..12];
+    let port = d.ok(&["port", "web", "80"]);
+    let hostport = port.trim().to_string();
+    assert!(hostport.starts_with("127.0.0.1:"), "{port}");
+    assert_eq!(
+        http_get(&hostport, "/hostname").map(|b| b.trim().to_string()),
+        Some(short.to_string()),
+        "published port"
+    );
+    let web_ip = ip_of(&d, "web", "n1");
+    assert!(!web_ip.is_empty());
+    assert_eq!(
+        http_get(&format!("{web_ip}:80"), "/hostname").map(|b| b.trim().to_string()),
+        Some(short.to_string()),
+        "the host reaches a container's address"
+    );
+    let ps = d.ok(&["ps", "--format", "{{.Ports}}"]);
+    assert!(ps.contains("->80/tcp"), "{ps}");
+
+    // A second server on n2 with a fixed address.
+    d.ok(&[
+        "run", "-d", "--name", "peer2", "--network", "n2", "--ip", "10.201.0.200", "busybox",
+        "httpd", "-f", "-p", "80", "-h", "/etc",
+    ]);
+    wait_listening(&d, "peer2");
+    assert_eq!(ip_of(&d, "peer2", "n2"), "10.201.0.200");
+    let peer2_id = d.ok(&["inspect", "-f", "{{.Id}}", "peer2"]);
+    let bad_ip = d.docker(&["run", "--rm", "--ip", "10.201.0.5", "busybox", "true"]);
+    assert!(
+        stderr(&bad_ip).contains("user configured subnets"),
+        "{}",
+        stderr(&bad_ip)
+    );
+
+    // On n1, names resolve; n2 cannot be reached.
+    let out = d.ok(&[
+        "run", "--rm", "--network", "n1", "busybox", "sh", "-c",
+        "cat /etc/resolv.conf; wget -qO- http://site/hostname; wget -qO- http://web/hostname; timeout 3 wget -qO- http://10.201.0.200/hostname; echo cross=$?",
+    ]);
+    assert_eq!(out.matches(short).count(), 2, "by alias and by name: {out}");
+    assert!(out.contains("nameserver "), "{out}");
+    assert!(!out.contains("cross=0"), "networks are isolated: {out}");
+
+    // Connect a running container to n2: it gets an address from the
+    // range, its alias resolves there, and it reaches n2's members.
+    d.ok(&["network", "connect", "--alias", "w2", "n2", "web"]);
+    let web_n2 = ip_of(&d, "web", "n2");
+    let last: u8 = web_n2.rsplit('.').next().and_then(|x| x.parse().ok()).expect("ip");
+    assert!(web_n2.starts_with("10.201.0.") && last >= 128, "{web_n2}");
+    assert!(fetches(&d, "web", "http://10.201.0.200/hostname", &peer2_id.trim()[..12]));
+    let ns = d.ok(&["exec", "peer2", "nslookup", "w2"]);
+    assert!(ns.contains(&web_n2), "{ns}");
+    let members = d.ok(&["network", "inspect", "-f", "{{range .Containers}}{{.Name}} {{end}}", "n2"]);
+    assert!(members.contains("web") && members.contains("peer2"), "{members}");
+    d.ok(&["network", "disconnect", "n2", "web"]);
+    assert!(!fetches(&d, "web", "http://10.201.0.200/hostname", "peer2"));
+    assert!(fetches(&d, "web", "http://site/hostname", short), "n1 still works");
+
+    // A network in use cannot go; a stopped container frees its port.
+    let rm = d.docker(&["network", "rm", "n2"]);
+    assert!(stderr(&rm).contains("active endpoints"), "{}", stderr(&rm));
+    d.ok(&["stop", "-t", "1", "web"]);
+    assert!(http_get(&hostport, "/hostname").is_none(), "port released");
+    assert!(d.ok(&["port", "web"]).trim().is_empty());
+
+    let bridges = [format!("vs-{}", &n1[..12])];
+    assert!(links().contains(&bridges[0]), "{}", links());
+    d.ok(&["rm", "-f", "web", "peer2"]);
+    d.ok(&["network", "rm", "n1", "n2"]);
+    assert!(!links().contains(&bridges[0]), "bridge left behind: {}", links());
+    let pruned = d.ok(&["network", "prune", "-f"]);
+    assert!(pruned.trim().is_empty(), "{pruned}");
+}
+
+#[test]
+fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
+    let mut d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let spec = format!("127.0.0.1:{port}:80");
+    d.ok(&[
+        "run", "-d", "--name", "web", "-p", &spec, "--expose", "8080", "-P", "busybox", "httpd",
+        "-f", "-p", "80", "-h", "/etc",
+    ]);
+    wait_listening(&d, "web");
+    let all = d.ok(&["port", "web"]);
+    assert!(all.contains(&format!("80/tcp -> 127.0.0.1:{port}")), "{all}");
+    assert!(all.contains("8080/tcp -> 0.0.0.0:"), "-P publishes exposed ports: {all}");
+    let addr = format!("127.0.0.1:{port}");
+    assert!(http_get(&addr, "/hostname").is_some());
+
+    d.kill9();
+    d.restart();
+    assert!(
+        common::eventually(10, || http_get(&addr, "/hostname").is_some()),
+        "the published port is back after a daemon restart"
+    );
+    assert!(d.ok(&["port", "web", "80"]).contains(&addr));
+
+    let clash = d.docker(&["run", "-d", "--name", "clash", "-p", &spec, "busybox", "sleep", "100"]);
+    assert!(!clash.status.success());
+    assert!(
+        stderr(&clash).contains("port is already allocated"),
+        "{}",
+        stderr(&clash)
+    );
+    let state = d.ok(&["inspect", "-f", "{{.State.Running}}", "clash"]);
+    assert_eq!(state.trim(), "false");
+    assert!(http_get(&addr, "/hostname").is_some(), "the first container keeps its port");
+    let none = d.docker(&["run", "--rm", "--network", "none", "-p", "80", "busybox", "true"]);
+    assert!(stderr(&none).contains("conflicting options"), "{}", stderr(&none));
+    let out = d.ok(&["run", "--rm", "--network", "none", "busybox", "ip", "-4", "addr"]);
+    assert!(!out.contains("eth"), "--network none: loopback only: {out}");
+}
+
+#[test]
+fn trust_levels_and_internal_networks_are_enforced() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    let out = Outside::new();
+    let outside = format!("http://{}:9000/marker.txt", out.addr);
+    let trust = |name: &str, level: &str| {
+        d.ok(&["network", "create", "-o", &format!("com.vessel.network.trust={level}"), name]);
+    };
+    let server = |name: &str, net: &str, publish: bool| {
+        let mut args = vec!["run", "-d", "--name", name, "--network", net];
+        if publish {
+            args.extend(["-p", "127.0.0.1::80"]);
+        }
+        args.extend(["busybox", "httpd", "-f", "-p", "80", "-h", "/etc"]);
+        d.ok(&args);
+        wait_listening(&d, name);
+    };
+    let bad = d.docker(&["network", "create", "-o", "com.vessel.network.trust=wide", "x"]);
+    assert!(stderr(&bad).contains("closed, outbound, peers, published, open"));
+
+    // Default (open): out through NAT, peers, host.
+    d.ok(&["network", "create", "open"]);
+    server("o1", "open", false);
+    server("o2", "open", false);
+    assert!(fetches(&d, "o1", &outside, "outside-ok"), "open: outbound");
+    assert!(fetches(&d, "o1", "http://o2/hostname", ""), "open: peers");
+    assert!(http_get(&format!("{}:80", ip_of(&d, "o2", "open")), "/hostname").is_some());
+
+    // --internal: nothing leaves the network, peers still talk.
+    d.ok(&["network", "create", "--internal", "inner"]);
+    server("i1", "inner", false);
+    server("i2", "inner", false);
+    assert!(!fetches(&d, "i1", &outside, "outside-ok"), "internal: no way out");
+    assert!(fetches(&d, "i1", "http://i2/hostname", ""), "internal: peers");
+
+    // outbound: out yes; peers and the host cannot connect in.
+    trust("outb", "outbound");
+    server("ob1", "outb", false);
+    server("ob2", "outb", false);
+    assert!(fetches(&d, "ob1", &outside, "outside-ok"), "outbound: out");
+    assert!(!fetches(&d, "ob1", &format!("http://{}/hostname", ip_of(&d, "ob2", "outb")), ""));
+    assert!(http_get(&format!("{}:80", ip_of(&d, "ob2", "outb")), "/hostname").is_none());
+
+    // peers: only each other.
+    trust("peer", "peers");
+    server("p1", "peer", false);
+    server("p2", "peer", false);
+    assert!(fetches(&d, "p1", "http://p2/hostname", ""), "peers: each other");
+    assert!(!fetches(&d, "p1", &outside, "outside-ok"), "peers: no way out");
+    assert!(http_get(&format!("{}:80", ip_of(&d, "p2", "peer")), "/hostname").is_none());
+
+    // published: only published ports, nothing out.
+    trust("pub", "published");
+    server("pb1", "pub", true);
+    let hp = d.ok(&["port", "pb1", "80"]).trim().to_string();
+    assert!(http_get(&hp, "/hostname").is_some(), "published: the published port");
+    assert!(http_get(&format!("{}:80", ip_of(&d, "pb1", "pub")), "/hostname").is_none());
+    assert!(!fetches(&d, "pb1", &outside, "outside-ok"), "published: no way out");
+
+    // closed: nothing at all, but the network's DNS still answers.
+    trust("shut", "closed");
+    server("c1", "shut", true);
+    server("c2", "shut", false);
+    let hp = d.ok(&["port", "c1", "80"]).trim().to_string();
+    assert!(http_get(&hp, "/hostname").is_none(), "closed: not even published ports");
+    assert!(!fetches(&d, "c1", &outside, "outside-ok"));
+    assert!(!fetches(&d, "c1", "http://c2/hostname", ""));
+    let ns = d.ok(&["exec", "c1", "nslookup", "c2"]);
+    assert!(ns.contains(&ip_of(&d, "c2", "shut")), "{ns}");
+}
+
+#[test]
+fn compose_brings_up_two_services_that_find_each_other() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    let dir = d.dir.path().join("proj");
+    std::fs::create_dir_all(&dir).expect("project dir");
+    std::fs::write(
+        dir.join("docker-compose.yml"),
+        r#"version: "2.4"
+services:
+  web:
+    image: busybox
+    command: httpd -f -p 80 -h /etc
+  client:
+    image: busybox
+    command: sh -c "for i in 1 2 3 4 5; do wget -qO- http://web/hostname && exit 0; sleep 1; done; exit 1"
+    depends_on: [web]
+"#,
+    )
+    .expect("compose file");
+    let compose = |args: &[&str]| {
+        Command::new("docker-compose")
+            .args(["-p", "vproj"])
+            .args(args)
+            .current_dir(&dir)
+            .env("DOCKER_HOST", d.host())
+            .output()
+            .expect("run docker-compose")
+    };
+    let up = compose(&["up", "-d"]);
+    assert!(up.status.success(), "{}\n{}", stderr(&up), d.log());
+    assert!(d.ok(&["network", "ls"]).contains("vproj_default"));
+    let web = d.ok(&["inspect", "-f", "{{.Id}}", "vproj_web_1"]);
+    let code = d.ok(&["wait", "vproj_client_1"]);
+    assert_eq!(code.trim(), "0", "client: {}", d.ok(&["logs", "vproj_client_1"]));
+    let logs = d.ok(&["logs", "vproj_client_1"]);
+    assert!(logs.contains(&web.trim()[..12]), "{logs}");
+    let down = compose(&["down"]);
+    assert!(down.status.success(), "{}", stderr(&down));
+    assert!(d.ok(&["ps", "-aq"]).trim().is_empty());
+    assert!(!d.ok(&["network", "ls"]).contains("vproj_default"));
+}
