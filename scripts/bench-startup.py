@@ -17,6 +17,7 @@ Usage: scripts/bench-startup.py [--runs 10] [--idle 100] [--no-dockerd]
 Needs scripts/setup.sh to have run; `apt-get install docker.io` for the peer.
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -56,6 +57,26 @@ class Engine:
             self.proc.wait(timeout=20)
         except Exception:
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def vessel_bridge_name(data_root):
+    """The default bridge name a Vessel daemon derives from its data root."""
+    h = 0x811C9DC5
+    for b in os.fsencode(data_root):
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return f"vb{h:08x}"
+
+
+def remove_vessel_networking(data_root):
+    """Deletes the bridges and nftables table a Vessel daemon made for
+    `data_root` (networks outlive the daemon by design)."""
+    owner = "vessel:" + vessel_bridge_name(data_root)
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
+    for link in json.loads(out or "[]"):
+        if link.get("ifalias") == owner:
+            subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
+    subprocess.run(["nft", "delete", "table", "inet", "vessel_" + vessel_bridge_name(data_root)],
+                   capture_output=True)
 
 
 def pss_kib(pid):
@@ -211,6 +232,8 @@ def main():
         subprocess.run(["pkill", "-9", "-f", tmp])
         time.sleep(0.5)
         subprocess.run(["umount", "-R", f"{tmp}/dx"], capture_output=True)
+        for root in ("v", "vc", "c"):
+            remove_vessel_networking(f"{tmp}/{root}")
         shutil.rmtree(tmp, ignore_errors=True)
 
 
