@@ -450,10 +450,8 @@ impl Agent {
         for (key, value) in &spec.sysctls {
             rootfs::set_sysctl(key, value).map_err(|e| StartError::other(e.to_string()))?;
         }
-        for (path, options) in &spec.tmpfs {
-            rootfs::mount_tmpfs(&root, path, options)
-                .map_err(|e| StartError::other(format!("--tmpfs {path}: {e}")))?;
-        }
+        crate::mounts::apply(&root, &spec.tmpfs, &spec.mounts)
+            .map_err(|e| StartError::other(e.to_string()))?;
         if spec.read_only {
             rootfs::make_read_only(&root).map_err(|e| StartError::other(e.to_string()))?;
         }
