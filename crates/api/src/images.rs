@@ -478,7 +478,7 @@ pub(crate) async fn system_df(s: &AppState) -> ApiResult<Response> {
         "LayersSize": usage.layers_size,
         "Images": image_list,
         "Containers": containers,
-        "Volumes": [],
+        "Volumes": s.engine.volumes_disk_usage().await?,
         "BuildCache": [],
     }))
     .into_response())

@@ -9,6 +9,7 @@
 //! every request is translated into one engine call.
 
 mod images;
+mod volumes;
 pub mod stream;
 pub mod version;
 
@@ -128,6 +129,10 @@ impl Query {
     }
 }
 
+/// The API version a request asked for (set by version negotiation).
+#[derive(Debug, Clone, Copy)]
+struct ApiVersion((u32, u32));
+
 #[derive(Clone)]
 struct AppState {
     engine: Engine,
@@ -177,6 +182,7 @@ pub fn service(engine: Engine) -> Router {
         .route("/exec/{id}/start", post(exec_start))
         .route("/exec/{id}/resize", post(exec_resize))
         .route("/exec/{id}/json", get(exec_inspect))
+        .merge(volumes::routes())
         .fallback(not_found)
         .with_state(AppState { engine });
     Router::new()
@@ -188,7 +194,11 @@ async fn negotiate(mut req: Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path().to_string();
     match split(&path) {
         Versioned::Reject(msg) => ApiError::bad(msg).into_response(),
-        Versioned::Ok { path: new_path, .. } => {
+        Versioned::Ok {
+            path: new_path,
+            version,
+        } => {
+            req.extensions_mut().insert(ApiVersion(version));
             if new_path != path {
                 let pq = match req.uri().query() {
                     Some(q) => format!("{new_path}?{q}"),
@@ -416,6 +426,7 @@ fn event_matches(e: &EventMessage, filters: &HashMap<String, Vec<String>>) -> bo
                 Some((lk, lv)) => attrs.get(lk).is_some_and(|x| x == lv),
                 None => attrs.contains_key(v),
             },
+            "volume" => typ == "volume" && id == *v,
             _ => false,
         })
     })
@@ -436,7 +447,7 @@ async fn events(State(s): State<AppState>, req: Request) -> ApiResult<Response> 
     let q = Query::of(req.uri());
     let filters = parse_filters(&q)?;
     for k in filters.keys() {
-        if !["type", "event", "container", "image", "label"].contains(&k.as_str()) {
+        if !["type", "event", "container", "image", "label", "volume"].contains(&k.as_str()) {
             return Err(ApiError::bad(format!("invalid filter '{k}'")));
         }
     }
@@ -1004,7 +1015,9 @@ async fn container_remove(
     req: Request,
 ) -> ApiResult<StatusCode> {
     let q = Query::of(req.uri());
-    s.engine.remove(&id, q.flag("force")).await?;
+    s.engine
+        .remove_with_volumes(&id, q.flag("force"), q.flag("v"))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -166,7 +166,7 @@ impl Engine {
         let (pid, _, mut reader, writer, _) = self.launch(&spec).await?;
         let fail = |msg: String| {
             vessel_vm::kill_vm(pid, &name);
-            let _ = std::fs::remove_dir_all(&run_dir);
+            crate::volumes::remove_run_dir(&run_dir);
             EngineError::Internal(msg)
         };
         crate::pool::prepare_root(&mut reader, &writer)
@@ -187,7 +187,7 @@ impl Engine {
                 vessel_vm::kill_vm(pid, &name);
                 vessel_vm::wait_exit(pid).await;
             }
-            let _ = std::fs::remove_dir_all(&run_dir);
+            crate::volumes::remove_run_dir(&run_dir);
         });
         Ok((writer, pump))
     }

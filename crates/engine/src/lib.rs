@@ -21,6 +21,7 @@ mod record;
 pub mod signal;
 mod stats;
 mod template;
+mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,7 @@ pub use logs::LogEntry;
 pub use copy::ArchiveStream;
 pub use vessel_protocol::PathStat;
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
+pub use volumes::MountRecord;
 
 /// Default guest memory when `--memory` is not given.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -290,6 +292,8 @@ struct Inner {
     next_exec: std::sync::atomic::AtomicU32,
     containers: Mutex<HashMap<String, Arc<Handle>>>,
     create_lock: tokio::sync::Mutex<()>,
+    /// Named and anonymous volumes (`<data-root>/volumes`).
+    volumes: Arc<vessel_volume::VolumeStore>,
 }
 
 fn now_rfc3339() -> String {
@@ -390,6 +394,7 @@ impl Engine {
             None
         };
         let registry = Arc::new(vessel_registry::Registry::new(cfg.registry.clone()));
+        let volumes = Arc::new(vessel_volume::VolumeStore::open(&root.join("volumes"))?);
         let engine = Engine {
             inner: Arc::new(Inner {
                 cfg,
@@ -410,6 +415,7 @@ impl Engine {
                 next_exec: std::sync::atomic::AtomicU32::new(0),
                 containers: Mutex::new(HashMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
+                volumes,
             }),
         };
         engine.recover().await?;
@@ -1036,6 +1042,7 @@ impl Engine {
         rand::Rng::fill(&mut rand::rng(), &mut idb);
         let id = hex::encode(idb);
         let mut config = config;
+        let (mounts, made_volumes) = self.plan_mounts(&host_config, &image.config.volumes, &mut config).await?;
         if config.hostname.as_deref().unwrap_or("").is_empty() {
             config.hostname = Some(id[..12].to_string());
         }
@@ -1065,6 +1072,7 @@ impl Engine {
             manually_stopped: false,
             fresh_upper: true,
             vm_name: None,
+            mounts,
         };
         let dir = self.container_dir(&id);
         std::fs::create_dir_all(&dir)
@@ -1074,6 +1082,7 @@ impl Engine {
         let made = blocking(move || make_upper(&blank, &upper)).await?;
         if let Err(e) = made.and_then(|_| self.persist(&rec)) {
             let _ = std::fs::remove_dir_all(&dir);
+            self.drop_volumes(&made_volumes).await;
             return Err(e);
         }
         info!(id = %id, name = %rec.name, image = %rec.image, create_ms = created_at.elapsed().as_millis() as u64, "container created");
@@ -1160,11 +1169,11 @@ impl Engine {
                     }
                 });
                 let _ = self.persist(&rec);
-                let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+                volumes::remove_run_dir(&self.run_dir(&rec.id));
                 // Docker removes an auto-remove container whose start failed;
                 // `docker run --rm` waits for that removal.
                 if rec.host_config.auto_remove == Some(true) {
-                    let _ = self.remove(&rec.id, true).await;
+                    let _ = self.remove_with_volumes(&rec.id, true, true).await;
                 }
                 Err(e)
             }
@@ -1190,7 +1199,7 @@ impl Engine {
         let image_disk = blocking(move || images.boot_disk(&image_id)).await??;
         let t_disk = started.elapsed();
         let run_dir = self.run_dir(&rec.id);
-        let _ = std::fs::remove_dir_all(&run_dir);
+        volumes::remove_run_dir(&run_dir);
         let upper_disk = self.container_dir(&rec.id).join("upper.qcow2");
         let warm = match &self.inner.pool {
             Some(pool) if rec.fresh_upper => pool
@@ -1267,14 +1276,24 @@ impl Engine {
             return Err(fail(format!("fresh VM's agent is not idle: {state:?}")));
         }
         let tty_size = h.live.lock().await.tty_size;
-        let spec = self.process_spec(&rec, tty_size);
+        let mut spec = self.process_spec(&rec, tty_size);
+        let seal = match self.share_mounts(&rec, &run_dir, &mut spec).await {
+            Ok(seal) => seal,
+            Err(e) => {
+                vessel_vm::kill_vm(pid, &vm_name);
+                return Err(e);
+            }
+        };
         writer
             .send(&HostMsg::Start(Box::new(spec)))
             .await
             .map_err(|e| fail(e.to_string()))?;
         loop {
             match reader.next().await {
-                Ok(Some(Incoming::Msg(GuestMsg::Started { .. }))) => break,
+                Ok(Some(Incoming::Msg(GuestMsg::Started { .. }))) => {
+                    self.seal_mounts(&rec.id, seal).await.map_err(|e| fail(e.to_string()))?;
+                    break;
+                }
                 Ok(Some(Incoming::Msg(GuestMsg::StartFailed { message, exit_code }))) => {
                     vessel_vm::kill_vm(pid, &vm_name);
                     let rec = h.update(|r| {
@@ -1450,6 +1469,7 @@ impl Engine {
             read_only: rec.host_config.readonly_rootfs.unwrap_or(false),
             tmpfs: sorted_pairs(rec.host_config.tmpfs.as_ref()),
             sysctls: sorted_pairs(rec.host_config.sysctls.as_ref()),
+            mounts: vec![],
         }
     }
 
@@ -1593,6 +1613,7 @@ impl Engine {
             vessel_vm::kill_vm(pid, &name);
             vessel_vm::wait_exit(pid).await;
         }
+        self.release_mounts(&h.rec(), &self.run_dir(&id)).await;
         let rec = h.update(|r| {
             r.state.status = Status::Exited;
             r.state.pid = None;
@@ -1626,7 +1647,7 @@ impl Engine {
             });
         }
         if rec.host_config.auto_remove == Some(true) {
-            if let Err(e) = self.remove(&id, true).await {
+            if let Err(e) = self.remove_with_volumes(&id, true, true).await {
                 if !matches!(e, EngineError::NotFound(_)) {
                     warn!(%id, "auto-remove failed: {e}");
                 }
@@ -1774,6 +1795,17 @@ impl Engine {
 
     /// `docker rm`.
     pub async fn remove(&self, name_or_id: &str, force: bool) -> Result<(), EngineError> {
+        self.remove_with_volumes(name_or_id, force, false).await
+    }
+
+    /// `docker rm [-v]`: with `volumes`, the container's anonymous volumes
+    /// that no other container uses go too.
+    pub async fn remove_with_volumes(
+        &self,
+        name_or_id: &str,
+        force: bool,
+        volumes: bool,
+    ) -> Result<(), EngineError> {
         let h = self.lookup(name_or_id)?;
         let _op = h.op.lock().await;
         let rec = h.rec();
@@ -1796,7 +1828,7 @@ impl Engine {
         }
         let rec = h.update(|r| r.state.status = Status::Removing);
         self.persist(&rec)?;
-        let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+        volumes::remove_run_dir(&self.run_dir(&rec.id));
         let dir = self.container_dir(&rec.id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -1819,6 +1851,9 @@ impl Engine {
             execs.retain(|_, e| e.container_id != rec.id);
         }
         self.container_event(&rec, "destroy", &[]);
+        if volumes {
+            self.remove_anonymous_volumes(&rec).await;
+        }
         info!(id = %rec.id, "container removed");
         Ok(())
     }
@@ -2203,6 +2238,7 @@ impl Engine {
                 }
             }
         }
+        self.release_stale_mounts();
         // Restart policies at daemon start: `always` even after a manual
         // stop, `unless-stopped` unless the user stopped it.
         for h in self.handles() {

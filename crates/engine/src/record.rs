@@ -111,6 +111,9 @@ pub struct ContainerRecord {
     /// (a warm VM started before its container existed).
     #[serde(default)]
     pub vm_name: Option<String>,
+    /// Volumes, bind mounts and tmpfs mounts, resolved at create.
+    #[serde(default)]
+    pub mounts: Vec<crate::MountRecord>,
 }
 
 impl ContainerRecord {
@@ -247,7 +250,7 @@ impl ContainerRecord {
                 name: "vessel-overlay".into(),
                 data: HashMap::new(),
             }),
-            mounts: Some(vec![]),
+            mounts: Some(self.mounts.iter().map(crate::MountRecord::point).collect()),
             config: Some(self.config.clone()),
             network_settings: Some(NetworkSettings {
                 networks: Some(HashMap::new()),
@@ -293,7 +296,7 @@ impl ContainerRecord {
             network_settings: Some(ContainerSummaryNetworkSettings {
                 networks: Some(HashMap::new()),
             }),
-            mounts: Some(vec![]),
+            mounts: Some(self.mounts.iter().map(crate::MountRecord::point).collect()),
             ..Default::default()
         }
     }

@@ -113,22 +113,34 @@ pub fn bind(src: &Path, dst: &Path, read_only: bool) -> io::Result<()> {
         return Err(e);
     }
     if read_only {
-        // SAFETY: as above; a bind remount changes the flags of the mount at
-        // `d` only.
-        let r = unsafe {
-            libc::mount(
-                std::ptr::null(),
-                d.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                std::ptr::null(),
-            )
-        };
-        if r != 0 {
-            let e = fail("remount read-only");
+        if let Err(e) = remount_read_only(dst) {
             let _ = unmount(dst);
             return Err(e);
         }
+    }
+    Ok(())
+}
+
+/// Makes the bind mount at `path` read-only.
+pub fn remount_read_only(path: &Path) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: `p` is a valid NUL-terminated path; a bind remount takes no
+    // source, fstype or data.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            p.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("remount {} read-only: {e}", path.display()),
+        ));
     }
     Ok(())
 }
