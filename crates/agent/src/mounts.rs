@@ -82,10 +82,12 @@ fn mount_share() -> io::Result<()> {
     .map_err(|e| io::Error::other(format!("mount the shared directory (9p) on {SHARE}: {e}")))
 }
 
-
 fn mount_one(root: &Path, m: &MountSpec) -> io::Result<()> {
     if m.share_dir.is_empty() || m.share_dir.contains('/') || m.share_dir.starts_with('.') {
-        return Err(io::Error::other(format!("invalid share entry {:?}", m.share_dir)));
+        return Err(io::Error::other(format!(
+            "invalid share entry {:?}",
+            m.share_dir
+        )));
     }
     let src = Path::new(SHARE).join(&m.share_dir);
     let target = resolve_in_root(root, Path::new(&m.target))?;
@@ -238,7 +240,10 @@ mod tests {
         }
         copy_tree(s, dst.path()).expect("copy");
         let d = dst.path();
-        assert_eq!(std::fs::read_to_string(d.join("a.txt")).expect("read"), "hello");
+        assert_eq!(
+            std::fs::read_to_string(d.join("a.txt")).expect("read"),
+            "hello"
+        );
         let m = std::fs::metadata(d.join("sub/run.sh")).expect("stat");
         assert_eq!(m.mode() & 0o777, 0o750);
         let m = std::fs::metadata(d.join("sub")).expect("stat");

@@ -6,9 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use bollard_stubs::models::{
-    VolumeCreateRequest, VolumeListResponse, VolumePruneResponse,
-};
+use bollard_stubs::models::{VolumeCreateRequest, VolumeListResponse, VolumePruneResponse};
 
 use super::{parse_filters, ApiError, ApiResult, ApiVersion, AppState, Query};
 

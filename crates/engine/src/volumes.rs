@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use bollard_stubs::models::{
-    ContainerConfig, HostConfig, Mount, MountPoint, MountType, Volume, VolumeCreateRequest, VolumeScopeEnum,
-    VolumeUsageData,
+    ContainerConfig, HostConfig, Mount, MountPoint, MountType, Volume, VolumeCreateRequest,
+    VolumeScopeEnum, VolumeUsageData,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -159,7 +159,10 @@ fn valid_mode(mode: &str) -> bool {
 fn propagation_of(mode: &str) -> Option<String> {
     mode.split(',')
         .find(|o| {
-            ["private", "rprivate", "shared", "rshared", "slave", "rslave"].contains(o)
+            [
+                "private", "rprivate", "shared", "rshared", "slave", "rslave",
+            ]
+            .contains(o)
         })
         .map(str::to_string)
 }
@@ -186,7 +189,8 @@ impl Planned {
 
 /// `-v SRC:DST[:MODE]` (or `-v DST` through the API).
 fn parse_bind(raw: &str) -> Result<Planned, EngineError> {
-    let invalid = || EngineError::InvalidParameter(format!("invalid volume specification: '{raw}'"));
+    let invalid =
+        || EngineError::InvalidParameter(format!("invalid volume specification: '{raw}'"));
     let parts: Vec<&str> = raw.splitn(4, ':').collect();
     if parts[0].is_empty() {
         return Err(invalid());
@@ -203,9 +207,15 @@ fn parse_bind(raw: &str) -> Result<Planned, EngineError> {
         _ => return Err(invalid()),
     };
     if !valid_mode(mode) {
-        return Err(EngineError::InvalidParameter(format!("invalid mode: {mode}")));
+        return Err(EngineError::InvalidParameter(format!(
+            "invalid mode: {mode}"
+        )));
     }
-    let kind = if source.starts_with('/') { "bind" } else { "volume" };
+    let kind = if source.starts_with('/') {
+        "bind"
+    } else {
+        "volume"
+    };
     let destination = check_target(kind, target).map_err(|e| {
         EngineError::InvalidParameter(format!("invalid volume specification: '{raw}': {e}"))
     })?;
@@ -227,7 +237,11 @@ fn parse_bind(raw: &str) -> Result<Planned, EngineError> {
         MountRecord {
             kind: kind.into(),
             destination,
-            mode: if mode.is_empty() { "z".into() } else { mode.into() },
+            mode: if mode.is_empty() {
+                "z".into()
+            } else {
+                mode.into()
+            },
             rw,
             copy_data: !nocopy,
             ..Default::default()
@@ -279,7 +293,11 @@ fn tmpfs_options(m: &Mount) -> Result<String, EngineError> {
 /// `--mount` (HostConfig.Mounts).
 fn parse_mount(m: &Mount) -> Result<Planned, EngineError> {
     let kind = m.typ.map(|t| t.to_string()).unwrap_or_default();
-    let kind = if kind.is_empty() { "bind".to_string() } else { kind };
+    let kind = if kind.is_empty() {
+        "bind".to_string()
+    } else {
+        kind
+    };
     let destination = check_target(&kind, m.target.as_deref().unwrap_or(""))?;
     let source = m.source.clone().unwrap_or_default();
     let ro = m.read_only == Some(true);
@@ -289,10 +307,16 @@ fn parse_mount(m: &Mount) -> Result<Planned, EngineError> {
                 return Err(mount_config("bind", "field Source must not be empty"));
             }
             if m.volume_options.is_some() {
-                return Err(mount_config("bind", "field VolumeOptions must not be specified"));
+                return Err(mount_config(
+                    "bind",
+                    "field VolumeOptions must not be specified",
+                ));
             }
             if m.tmpfs_options.is_some() {
-                return Err(mount_config("bind", "field TmpfsOptions must not be specified"));
+                return Err(mount_config(
+                    "bind",
+                    "field TmpfsOptions must not be specified",
+                ));
             }
             if !source.starts_with('/') {
                 return Err(mount_config(
@@ -330,10 +354,16 @@ fn parse_mount(m: &Mount) -> Result<Planned, EngineError> {
         }
         Some(MountType::VOLUME) => {
             if m.bind_options.is_some() {
-                return Err(mount_config("volume", "field BindOptions must not be specified"));
+                return Err(mount_config(
+                    "volume",
+                    "field BindOptions must not be specified",
+                ));
             }
             if m.tmpfs_options.is_some() {
-                return Err(mount_config("volume", "field TmpfsOptions must not be specified"));
+                return Err(mount_config(
+                    "volume",
+                    "field TmpfsOptions must not be specified",
+                ));
             }
             let vo = m.volume_options.clone().unwrap_or_default();
             if vo.subpath.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -346,7 +376,11 @@ fn parse_mount(m: &Mount) -> Result<Planned, EngineError> {
                 ));
             }
             let driver = vo.driver_config.clone().unwrap_or_default();
-            if let Some(d) = driver.name.as_deref().filter(|d| !d.is_empty() && *d != "local") {
+            if let Some(d) = driver
+                .name
+                .as_deref()
+                .filter(|d| !d.is_empty() && *d != "local")
+            {
                 return Err(EngineError::NotFound(format!(
                     "error looking up volume plugin {d}: plugin \"{d}\" not found"
                 )));
@@ -372,10 +406,16 @@ fn parse_mount(m: &Mount) -> Result<Planned, EngineError> {
                 return Err(mount_config("tmpfs", "field Source must not be specified"));
             }
             if m.bind_options.is_some() {
-                return Err(mount_config("tmpfs", "field BindOptions must not be specified"));
+                return Err(mount_config(
+                    "tmpfs",
+                    "field BindOptions must not be specified",
+                ));
             }
             if m.volume_options.is_some() {
-                return Err(mount_config("tmpfs", "field VolumeOptions must not be specified"));
+                return Err(mount_config(
+                    "tmpfs",
+                    "field VolumeOptions must not be specified",
+                ));
             }
             Ok(Planned::Ready(MountRecord {
                 kind: "tmpfs".into(),
@@ -414,11 +454,16 @@ fn volume_model(v: &vessel_volume::Volume, usage: Option<VolumeUsageData>) -> Vo
 impl Engine {
     fn volume_event(&self, action: &str, name: &str, extra: &[(&str, String)]) {
         let mut attrs = HashMap::new();
-        attrs.insert("driver".to_string(), vessel_volume::LOCAL_DRIVER.to_string());
+        attrs.insert(
+            "driver".to_string(),
+            vessel_volume::LOCAL_DRIVER.to_string(),
+        );
         for (k, v) in extra {
             attrs.insert((*k).to_string(), v.clone());
         }
-        self.inner.events.emit(EventType::VOLUME, action, name, attrs);
+        self.inner
+            .events
+            .emit(EventType::VOLUME, action, name, attrs);
     }
 
     /// Containers (ids) whose mounts use volume `name`.
@@ -426,7 +471,11 @@ impl Engine {
         self.handles()
             .iter()
             .map(|h| h.rec())
-            .filter(|r| r.mounts.iter().any(|m| m.kind == "volume" && m.name == name))
+            .filter(|r| {
+                r.mounts
+                    .iter()
+                    .any(|m| m.kind == "volume" && m.name == name)
+            })
             .map(|r| r.id)
             .collect()
     }
@@ -463,7 +512,9 @@ impl Engine {
             }
             let (id, mode) = spec.split_once(':').unwrap_or((spec, "rw"));
             if !valid_mode(mode) || propagation_of(mode).is_some() || mode.contains("nocopy") {
-                return Err(EngineError::InvalidParameter(format!("invalid mode: {mode}")));
+                return Err(EngineError::InvalidParameter(format!(
+                    "invalid mode: {mode}"
+                )));
             }
             let ro = mode.split(',').any(|o| o == "ro");
             let from = self.lookup(id)?.rec();
@@ -597,7 +648,8 @@ impl Engine {
         .await??;
         for m in &rec.mounts {
             if m.kind == "tmpfs" {
-                spec.tmpfs.push((m.destination.clone(), m.tmpfs_options.clone()));
+                spec.tmpfs
+                    .push((m.destination.clone(), m.tmpfs_options.clone()));
             }
         }
         let (shared, seal) = shared;
@@ -619,7 +671,11 @@ impl Engine {
 
     /// Makes read-only the share entries of read-only volumes that the
     /// guest filled from the image during the start.
-    pub(crate) async fn seal_mounts(&self, id: &str, seal: Vec<PathBuf>) -> Result<(), EngineError> {
+    pub(crate) async fn seal_mounts(
+        &self,
+        id: &str,
+        seal: Vec<PathBuf>,
+    ) -> Result<(), EngineError> {
         if seal.is_empty() {
             return Ok(());
         }
@@ -753,7 +809,9 @@ impl Engine {
     ) -> Result<Vec<Volume>, EngineError> {
         for k in filters.keys() {
             if !["dangling", "label", "name", "driver"].contains(&k.as_str()) {
-                return Err(EngineError::InvalidParameter(format!("invalid filter '{k}'")));
+                return Err(EngineError::InvalidParameter(format!(
+                    "invalid filter '{k}'"
+                )));
             }
         }
         let dangling = match filters.get("dangling").and_then(|v| v.first()) {
@@ -833,10 +891,16 @@ impl Engine {
     ) -> Result<(Vec<String>, u64), EngineError> {
         for k in filters.keys() {
             if !["label", "label!", "all"].contains(&k.as_str()) {
-                return Err(EngineError::InvalidParameter(format!("invalid filter '{k}'")));
+                return Err(EngineError::InvalidParameter(format!(
+                    "invalid filter '{k}'"
+                )));
             }
         }
-        let all = match filters.get("all").and_then(|v| v.first()).map(String::as_str) {
+        let all = match filters
+            .get("all")
+            .and_then(|v| v.first())
+            .map(String::as_str)
+        {
             None => !anonymous_only_by_default,
             Some("true" | "1") => true,
             Some("false" | "0") => false,
@@ -874,12 +938,12 @@ impl Engine {
                 Err(e) => warn!(volume = %v.name, "prune: {e}"),
             }
         }
-        self.inner
-            .events
-            .emit(EventType::VOLUME, "prune", "", HashMap::from([(
-                "reclaimed".to_string(),
-                freed.to_string(),
-            )]));
+        self.inner.events.emit(
+            EventType::VOLUME,
+            "prune",
+            "",
+            HashMap::from([("reclaimed".to_string(), freed.to_string())]),
+        );
         Ok((removed, freed))
     }
 
@@ -894,9 +958,11 @@ impl Engine {
         }
         let store = self.inner.volumes.clone();
         let sized = blocking(move || {
-            store
-                .list()
-                .map(|vs| vs.into_iter().map(|v| (store.size(&v), v)).collect::<Vec<_>>())
+            store.list().map(|vs| {
+                vs.into_iter()
+                    .map(|v| (store.size(&v), v))
+                    .collect::<Vec<_>>()
+            })
         })
         .await??;
         Ok(sized
@@ -1018,7 +1084,10 @@ mod tests {
         let m = bind_of("/host/dir/:/data:ro").expect("bind");
         assert_eq!((m.kind.as_str(), m.source.as_str()), ("bind", "/host/dir"));
         assert_eq!((m.destination.as_str(), m.rw), ("/data", false));
-        assert_eq!((m.mode.as_str(), m.propagation.as_str()), ("ro", "rprivate"));
+        assert_eq!(
+            (m.mode.as_str(), m.propagation.as_str()),
+            ("ro", "rprivate")
+        );
         assert!(m.create_source);
         let m = bind_of("cache:/var/cache/:nocopy").expect("volume");
         assert_eq!((m.kind.as_str(), m.name.as_str()), ("volume", "cache"));
@@ -1062,7 +1131,9 @@ mod tests {
             "invalid mount config for type \"bind\": bind source path does not exist: /nonexistent/vessel"
         );
         assert!(matches!(e, EngineError::InvalidParameter(_)));
-        let e = parse_mount(&mk(MountType::BIND, "", "/x")).err().expect("no source");
+        let e = parse_mount(&mk(MountType::BIND, "", "/x"))
+            .err()
+            .expect("no source");
         assert!(e.to_string().contains("field Source must not be empty"));
         let mut anon_ro = mk(MountType::VOLUME, "", "/x");
         anon_ro.read_only = Some(true);
@@ -1078,7 +1149,9 @@ mod tests {
             Planned::Ready(m) => assert_eq!(m.tmpfs_options, "mode=1777,size=64m,exec"),
             Planned::Volume(..) => panic!("tmpfs is no volume"),
         }
-        let e = parse_mount(&mk(MountType::VOLUME, "v", "rel")).err().expect("relative");
+        let e = parse_mount(&mk(MountType::VOLUME, "v", "rel"))
+            .err()
+            .expect("relative");
         assert!(e.to_string().contains("must be absolute"));
         match parse_mount(&mk(MountType::BIND, "/tmp", "/h")).expect("bind") {
             Planned::Ready(m) => {

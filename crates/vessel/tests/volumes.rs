@@ -34,7 +34,13 @@ fn load_volume_image(d: &Daemon) {
         tar.append(&h, &[][..]).expect("append");
     };
     entry("data/sub", tar::EntryType::Directory, 0o750, 1000, None);
-    entry("data/link", tar::EntryType::Symlink, 0o777, 0, Some("hello"));
+    entry(
+        "data/link",
+        tar::EntryType::Symlink,
+        0o777,
+        0,
+        Some("hello"),
+    );
     let archive = d.dir.path().join("volimg.tar");
     std::fs::write(&archive, tar.into_inner().expect("tar")).expect("write");
     d.ok(&[
@@ -117,7 +123,15 @@ fn volume_commands_answer_as_docker_does() {
         stderr(&out)
     );
     d.ok(&[
-        "volume", "create", "-o", "type=tmpfs", "-o", "device=tmpfs", "-o", "o=size=2m", "mem",
+        "volume",
+        "create",
+        "-o",
+        "type=tmpfs",
+        "-o",
+        "device=tmpfs",
+        "-o",
+        "o=size=2m",
+        "mem",
     ]);
     let v: serde_json::Value =
         serde_json::from_str(&d.ok(&["volume", "inspect", "mem"])).expect("json");
@@ -126,7 +140,9 @@ fn volume_commands_answer_as_docker_does() {
     assert!(stderr(&out).contains("no such volume"), "{}", stderr(&out));
 
     // In use by a container (even one that never ran): 409, also with -f.
-    d.ok(&["create", "--name", "user1", "-v", "data1:/d", "busybox", "true"]);
+    d.ok(&[
+        "create", "--name", "user1", "-v", "data1:/d", "busybox", "true",
+    ]);
     for args in [
         &["volume", "rm", "data1"][..],
         &["volume", "rm", "-f", "data1"][..],
@@ -168,8 +184,7 @@ fn volume_commands_answer_as_docker_does() {
         "volimg",
     ]);
     let mounts: serde_json::Value =
-        serde_json::from_str(&d.ok(&["inspect", "-f", "{{json .Mounts}}", "user2"]))
-            .expect("json");
+        serde_json::from_str(&d.ok(&["inspect", "-f", "{{json .Mounts}}", "user2"])).expect("json");
     let by_dest = |dest: &str| -> serde_json::Value {
         mounts
             .as_array()
@@ -186,7 +201,13 @@ fn volume_commands_answer_as_docker_does() {
     assert_eq!(by_dest("/anon")["Type"], "volume");
     let h = by_dest("/h");
     assert_eq!(
-        (&h["Type"], &h["Source"], &h["RW"], &h["Mode"], &h["Propagation"]),
+        (
+            &h["Type"],
+            &h["Source"],
+            &h["RW"],
+            &h["Mode"],
+            &h["Propagation"]
+        ),
         (
             &serde_json::json!("bind"),
             &serde_json::json!(hp),
@@ -236,7 +257,11 @@ fn volume_commands_answer_as_docker_does() {
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr(&out).contains(msg), "{args:?}: {}", stderr(&out));
     }
-    assert_eq!(d.ok(&["volume", "ls", "-q"]), before, "a refused create left volumes");
+    assert_eq!(
+        d.ok(&["volume", "ls", "-q"]),
+        before,
+        "a refused create left volumes"
+    );
     assert_eq!(d.ok(&["ps", "-aq"]).lines().count(), 2);
 
     // rm -v removes the anonymous volumes only.
@@ -247,14 +272,23 @@ fn volume_commands_answer_as_docker_does() {
     d.ok(&["volume", "inspect", "data2"]);
 
     // prune: without --all only anonymous volumes; never one in use.
-    d.ok(&["create", "--name", "user3", "-v", "/anon2", "busybox", "true"]);
+    d.ok(&[
+        "create", "--name", "user3", "-v", "/anon2", "busybox", "true",
+    ]);
     d.ok(&["rm", "user3"]);
     let dangling = d.ok(&["volume", "ls", "-q", "--filter", "dangling=true"]);
     assert_eq!(dangling.lines().count(), 3, "{dangling}");
     let pruned = d.ok(&["volume", "prune", "-f"]);
-    assert_eq!(pruned.lines().filter(|l| l.len() == 64).count(), 1, "{pruned}");
+    assert_eq!(
+        pruned.lines().filter(|l| l.len() == 64).count(),
+        1,
+        "{pruned}"
+    );
     let pruned = d.ok(&["volume", "prune", "-af"]);
-    assert!(pruned.contains("data2") && pruned.contains("mem"), "{pruned}");
+    assert!(
+        pruned.contains("data2") && pruned.contains("mem"),
+        "{pruned}"
+    );
     assert!(!pruned.contains("data1"), "{pruned}");
     assert_eq!(d.ok(&["volume", "ls", "-q"]), "data1\n");
 
@@ -267,7 +301,10 @@ fn volume_commands_answer_as_docker_does() {
     assert_eq!(vols.len(), 1, "{body}");
     assert_eq!(vols[0]["Name"], "data1");
     assert_eq!(vols[0]["UsageData"]["RefCount"], 1);
-    assert!(vols[0]["UsageData"]["Size"].as_i64().unwrap_or(0) >= 64 * 1024, "{body}");
+    assert!(
+        vols[0]["UsageData"]["Size"].as_i64().unwrap_or(0) >= 64 * 1024,
+        "{body}"
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -296,7 +333,15 @@ fn volumes_are_shared_between_vms_and_bind_mounts_with_the_host() {
     let hp = host.path().to_str().expect("utf-8");
     std::fs::write(host.path().join("from-host"), "host says hi\n").expect("write");
     d.ok(&[
-        "volume", "create", "-o", "type=tmpfs", "-o", "device=tmpfs", "-o", "o=size=2m", "mem",
+        "volume",
+        "create",
+        "-o",
+        "type=tmpfs",
+        "-o",
+        "device=tmpfs",
+        "-o",
+        "o=size=2m",
+        "mem",
     ]);
 
     // A new named volume is filled from the image at its target.
@@ -342,11 +387,24 @@ fn volumes_are_shared_between_vms_and_bind_mounts_with_the_host() {
         "sleep",
         "100000",
     ]);
-    d.ok(&["exec", "one", "sh", "-c", "echo written by one > /data/note"]);
-    assert_eq!(d.ok(&["exec", "two", "cat", "/data/note"]), "written by one\n");
+    d.ok(&[
+        "exec",
+        "one",
+        "sh",
+        "-c",
+        "echo written by one > /data/note",
+    ]);
+    assert_eq!(
+        d.ok(&["exec", "two", "cat", "/data/note"]),
+        "written by one\n"
+    );
     let out = d.docker(&["exec", "two", "sh", "-c", "echo no > /data/note"]);
     assert!(!out.status.success(), "a read-only mount was written");
-    assert!(stderr(&out).contains("Read-only file system"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
     // Not even root in the VM gets around it: the host side is read-only too.
     let out = d.docker(&[
         "exec",
@@ -355,25 +413,49 @@ fn volumes_are_shared_between_vms_and_bind_mounts_with_the_host() {
         "-c",
         "mount -o remount,rw /data; echo no > /data/note",
     ]);
-    assert!(!out.status.success(), "a remounted read-only mount was written");
+    assert!(
+        !out.status.success(),
+        "a remounted read-only mount was written"
+    );
     assert_eq!(
         std::fs::read_to_string(vol.join("note")).expect("read"),
         "written by one\n"
     );
     // The tmpfs volume holds 2 MiB, as its options say.
-    d.ok(&["exec", "two", "sh", "-c", "head -c 1000000 /dev/zero > /m/fits"]);
-    let out = d.docker(&["exec", "two", "sh", "-c", "head -c 3000000 /dev/zero > /m/big"]);
+    d.ok(&[
+        "exec",
+        "two",
+        "sh",
+        "-c",
+        "head -c 1000000 /dev/zero > /m/fits",
+    ]);
+    let out = d.docker(&[
+        "exec",
+        "two",
+        "sh",
+        "-c",
+        "head -c 3000000 /dev/zero > /m/big",
+    ]);
     assert!(!out.status.success(), "a 2 MiB tmpfs volume took 3 MB");
     assert!(mounts_under(&d.data_root().join("volumes/mem")).len() == 1);
 
     // Bind mount: live in both directions, owners as the guest wrote them.
-    assert_eq!(d.ok(&["exec", "one", "cat", "/h/from-host"]), "host says hi\n");
+    assert_eq!(
+        d.ok(&["exec", "one", "cat", "/h/from-host"]),
+        "host says hi\n"
+    );
     std::fs::write(host.path().join("later"), "changed on the host\n").expect("write");
     assert_eq!(
         d.ok(&["exec", "one", "cat", "/h/later"]),
         "changed on the host\n"
     );
-    d.ok(&["exec", "one", "sh", "-c", "mkdir /h/dir && echo g > /h/dir/f && chown 1000:1000 /h/dir/f && chmod 640 /h/dir/f"]);
+    d.ok(&[
+        "exec",
+        "one",
+        "sh",
+        "-c",
+        "mkdir /h/dir && echo g > /h/dir/f && chown 1000:1000 /h/dir/f && chmod 640 /h/dir/f",
+    ]);
     let f = std::fs::metadata(host.path().join("dir/f")).expect("stat");
     assert_eq!((f.uid(), f.gid(), f.mode() & 0o777), (1000, 1000, 0o640));
     assert_eq!(
@@ -382,8 +464,11 @@ fn volumes_are_shared_between_vms_and_bind_mounts_with_the_host() {
     );
     // The host directory belongs to root with mode 700 here: user 1000 in
     // the guest may not write it, as on Docker.
-    std::fs::set_permissions(host.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .expect("chmod");
+    std::fs::set_permissions(
+        host.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod");
     let out = d.docker(&["exec", "-u", "1000", "one", "touch", "/h/denied"]);
     assert!(!out.status.success(), "permissions were not enforced");
     assert!(!host.path().join("denied").exists());
@@ -458,7 +543,10 @@ fn volume_data_survives_crashes_and_restarts() {
         "share mounts of a dead VM: {:?}",
         mounts_under(&d.data_root())
     );
-    assert_eq!(std::fs::read_to_string(vol.join("f")).expect("read"), "one\ntwo\n");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("f")).expect("read"),
+        "one\ntwo\n"
+    );
 
     // docker start again, then stop, then remove the container: the data
     // stays, and a daemon restart finds it by name.
@@ -525,10 +613,15 @@ fn bind_mounted_data_survives_removal_and_failed_starts() {
         "-c",
         "echo in > /made/f; grep ' /t ' /proc/mounts > /made/t; sleep 100000",
     ]);
-    assert!(eventually(30, || host.path().join("created/by/docker/t").exists()));
-    assert!(std::fs::read_to_string(host.path().join("created/by/docker/t"))
-        .expect("read")
-        .contains("tmpfs /t tmpfs rw,nosuid,nodev,noexec,relatime,size=1024k"));
+    assert!(eventually(30, || host
+        .path()
+        .join("created/by/docker/t")
+        .exists()));
+    assert!(
+        std::fs::read_to_string(host.path().join("created/by/docker/t"))
+            .expect("read")
+            .contains("tmpfs /t tmpfs rw,nosuid,nodev,noexec,relatime,size=1024k")
+    );
     d.ok(&["rm", "-f", "victim"]);
     assert_eq!(
         std::fs::read_to_string(host.path().join("deep/precious")).expect("read"),
@@ -562,9 +655,16 @@ fn bind_mounted_data_survives_removal_and_failed_starts() {
         "cat /data/hello; ls -d /anon /n; touch /n/x",
     ]);
     assert_eq!(common::stdout(&out), "from the image\n/anon\n/n\n");
-    assert!(stderr(&out).contains("Read-only file system"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
     d.ok(&["rm", "-fv", "source"]);
-    assert!(!d.docker(&["volume", "inspect", anon.trim()]).status.success());
+    assert!(!d
+        .docker(&["volume", "inspect", anon.trim()])
+        .status
+        .success());
     d.ok(&["volume", "inspect", "named"]);
     let before = d.ok(&["volume", "ls", "-q"]);
     d.ok(&["run", "--rm", "-v", "/scratch", "busybox", "true"]);

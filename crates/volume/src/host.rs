@@ -286,7 +286,8 @@ mod tests {
 
     #[test]
     fn mountinfo_paths_are_unescaped() {
-        let text = "36 35 98:0 /mnt1 /mnt\\040with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
+        let text =
+            "36 35 98:0 /mnt1 /mnt\\040with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
                     37 35 98:0 / / rw - ext4 /dev/sda rw\n";
         assert_eq!(
             parse_mountinfo(text),
@@ -318,7 +319,10 @@ mod tests {
             std::fs::read_to_string(share.join("0/sub/precious")).expect("read"),
             "data"
         );
-        assert!(std::fs::write(share.join("1"), "x").is_err(), "read-only bind");
+        assert!(
+            std::fs::write(share.join("1"), "x").is_err(),
+            "read-only bind"
+        );
 
         remove_tree(&tree.path().join("run")).expect("remove");
         assert!(!tree.path().join("run").exists());
@@ -343,14 +347,23 @@ mod tests {
         let fstype = cstr(Path::new("tmpfs")).expect("c");
         // SAFETY: valid NUL-terminated strings; no data.
         let r = unsafe {
-            libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         assert_eq!(r, 0, "mount tmpfs: {}", io::Error::last_os_error());
         std::fs::write(m.join("f"), "on tmpfs").expect("write");
         let dev = std::fs::metadata(tree.path()).expect("stat").dev();
         let e = remove_walk(tree.path(), dev).expect_err("must refuse");
         assert!(e.to_string().contains("another filesystem"), "{e}");
-        assert_eq!(std::fs::read_to_string(m.join("f")).expect("read"), "on tmpfs");
+        assert_eq!(
+            std::fs::read_to_string(m.join("f")).expect("read"),
+            "on tmpfs"
+        );
         unmount(&m).expect("unmount");
     }
 }

@@ -265,10 +265,11 @@ impl VolumeStore {
         let meta = dir.join(META_FILE);
         match std::fs::read(&meta) {
             Ok(bytes) => {
-                let mut v: Volume = serde_json::from_slice(&bytes).map_err(|e| VolumeError::Io {
-                    context: format!("read {}", meta.display()),
-                    source: std::io::Error::other(e),
-                })?;
+                let mut v: Volume =
+                    serde_json::from_slice(&bytes).map_err(|e| VolumeError::Io {
+                        context: format!("read {}", meta.display()),
+                        source: std::io::Error::other(e),
+                    })?;
                 v.mountpoint = self.data_path(name);
                 v.name = name.to_string();
                 Ok(Some(v))
@@ -359,7 +360,8 @@ impl VolumeStore {
             return Ok(path);
         }
         let mut cmd = std::process::Command::new("mount");
-        cmd.arg("-t").arg(v.options.get("type").map_or("", String::as_str));
+        cmd.arg("-t")
+            .arg(v.options.get("type").map_or("", String::as_str));
         if let Some(o) = v.options.get("o").filter(|o| !o.is_empty()) {
             cmd.arg("-o").arg(o);
         }
@@ -404,7 +406,8 @@ fn write_synced(path: &Path, v: &Volume) -> Result<(), VolumeError> {
         context: "encode volume metadata".into(),
         source: std::io::Error::other(e),
     })?;
-    let mut f = std::fs::File::create(path).map_err(io_err(format!("create {}", path.display())))?;
+    let mut f =
+        std::fs::File::create(path).map_err(io_err(format!("create {}", path.display())))?;
     f.write_all(&bytes)
         .and_then(|_| f.sync_all())
         .map_err(io_err(format!("write {}", path.display())))
@@ -431,13 +434,16 @@ mod tests {
         for ok in ["ab", "a1", "my_vol.v-2", "0x"] {
             validate_name(ok).expect(ok);
         }
-        for bad in ["", "a", "_ab", ".ab", "..", "a/b", "../x", "/abs", "a b", "a:b", "ä1"] {
+        for bad in [
+            "", "a", "_ab", ".ab", "..", "a/b", "../x", "/abs", "a b", "a:b", "ä1",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad} accepted");
         }
         let e = validate_name("a/b").expect_err("slash");
         assert!(
-            e.to_string()
-                .starts_with("create a/b: \"a/b\" includes invalid characters for a local volume name"),
+            e.to_string().starts_with(
+                "create a/b: \"a/b\" includes invalid characters for a local volume name"
+            ),
             "{e}"
         );
     }
@@ -445,12 +451,18 @@ mod tests {
     #[test]
     fn options_are_checked_as_the_local_driver_does() {
         validate_options("v", &map(&[])).expect("none");
-        validate_options("v", &map(&[("type", "tmpfs"), ("device", "tmpfs"), ("o", "size=1m")]))
-            .expect("tmpfs");
+        validate_options(
+            "v",
+            &map(&[("type", "tmpfs"), ("device", "tmpfs"), ("o", "size=1m")]),
+        )
+        .expect("tmpfs");
         let e = validate_options("v", &map(&[("foo", "bar")])).expect_err("unknown");
         assert_eq!(e.to_string(), "create v: invalid option: \"foo\"");
         let e = validate_options("v", &map(&[("type", "tmpfs")])).expect_err("no device");
-        assert_eq!(e.to_string(), "create v: missing required option: \"device\"");
+        assert_eq!(
+            e.to_string(),
+            "create v: missing required option: \"device\""
+        );
         let e = validate_options("v", &map(&[("size", "10m")])).expect_err("quota");
         assert!(e.to_string().contains("no quota support"));
         validate_options("v", &map(&[("size", "0")])).expect("size 0 is no quota");
@@ -479,7 +491,12 @@ mod tests {
         assert_eq!(anon.name.len(), 64);
         assert!(anon.anonymous());
         assert!(!v.anonymous());
-        let names: Vec<String> = store.list().expect("list").into_iter().map(|v| v.name).collect();
+        let names: Vec<String> = store
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
         assert_eq!(names.len(), 2);
         assert!(names.contains(&"data".to_string()));
 
@@ -498,11 +515,17 @@ mod tests {
         let e = store
             .create(Some("x"), Some("nfs-plugin"), map(&[]), map(&[]))
             .expect_err("driver");
-        assert!(matches!(e, VolumeError::Invalid(_) | VolumeError::NotFound(_)));
+        assert!(matches!(
+            e,
+            VolumeError::Invalid(_) | VolumeError::NotFound(_)
+        ));
 
         store.remove("data").expect("remove");
         assert!(!dir.path().join("volumes/data").exists());
-        assert!(matches!(store.remove("data"), Err(VolumeError::NotFound(_))));
+        assert!(matches!(
+            store.remove("data"),
+            Err(VolumeError::NotFound(_))
+        ));
         // Nothing but the anonymous volume is left, no temporary directory.
         let left: Vec<_> = std::fs::read_dir(dir.path().join("volumes"))
             .expect("read")
