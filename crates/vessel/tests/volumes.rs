@@ -611,7 +611,7 @@ fn bind_mounted_data_survives_removal_and_failed_starts() {
         "busybox",
         "sh",
         "-c",
-        "echo in > /made/f; grep ' /t ' /proc/mounts > /made/t; sleep 100000",
+        "echo in > /made/f; grep ' /t ' /proc/mounts > /made/t.new; mv /made/t.new /made/t; sleep 100000",
     ]);
     assert!(eventually(30, || host
         .path()
@@ -669,4 +669,69 @@ fn bind_mounted_data_survives_removal_and_failed_starts() {
     let before = d.ok(&["volume", "ls", "-q"]);
     d.ok(&["run", "--rm", "-v", "/scratch", "busybox", "true"]);
     assert!(eventually(10, || d.ok(&["volume", "ls", "-q"]) == before));
+}
+
+/// docker compose (Debian's docker-compose 1.29) with a named volume shared
+/// by two services. `network_mode: none`: container networks are not part
+/// of this test.
+#[test]
+fn compose_services_share_a_named_volume() {
+    if std::process::Command::new("docker-compose")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: docker-compose is not installed");
+        return;
+    }
+    let d = Daemon::start_with(&["--warm-vms", "0"]);
+    d.load_busybox(&["busybox:latest"]);
+    let project = d.dir.path().join("proj");
+    std::fs::create_dir(&project).expect("mkdir");
+    std::fs::write(
+        project.join("docker-compose.yml"),
+        r#"version: "3.8"
+services:
+  writer:
+    image: busybox
+    network_mode: none
+    command: sh -c 'echo from-compose > /data/f; sleep 100000'
+    volumes:
+      - appdata:/data
+  reader:
+    image: busybox
+    network_mode: none
+    command: sh -c 'while [ ! -e /data/f ]; do sleep 0.2; done; cat /data/f; sleep 100000'
+    volumes:
+      - appdata:/data:ro
+volumes:
+  appdata:
+"#,
+    )
+    .expect("write compose file");
+    let compose = |args: &[&str]| {
+        let out = std::process::Command::new("docker-compose")
+            .current_dir(&project)
+            .env("DOCKER_HOST", d.host())
+            .args(args)
+            .output()
+            .expect("run docker-compose");
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?}: {}\n{}",
+            stderr(&out),
+            d.log()
+        );
+        common::stdout(&out)
+    };
+    compose(&["up", "-d"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["volume", "inspect", "proj_appdata"])).expect("json");
+    assert_eq!(v[0]["Labels"]["com.docker.compose.project"], "proj");
+    assert!(eventually(60, || compose(&["logs", "reader"]).contains("from-compose")));
+    compose(&["down", "-v"]);
+    assert!(!d
+        .docker(&["volume", "inspect", "proj_appdata"])
+        .status
+        .success());
 }
