@@ -255,13 +255,17 @@ impl Agent {
     }
 
     fn copy_root(&self) -> std::io::Result<PathBuf> {
-        self.state().rootfs.clone().ok_or_else(|| {
-            std::io::Error::other("the container's root filesystem is not mounted")
-        })
+        self.state()
+            .rootfs
+            .clone()
+            .ok_or_else(|| std::io::Error::other("the container's root filesystem is not mounted"))
     }
 
     fn copy_stat(&self, copy_id: u32, path: &str) {
-        match self.copy_root().and_then(|root| crate::copy::stat(&root, path)) {
+        match self
+            .copy_root()
+            .and_then(|root| crate::copy::stat(&root, path))
+        {
             Ok(stat) => self.writer.send(&GuestMsg::CopyStat { copy_id, stat }),
             Err(e) => self.copy_done(copy_id, Err(e), false),
         }
@@ -293,9 +297,12 @@ impl Agent {
                     if n == 0 {
                         break;
                     }
-                    agent
-                        .writer
-                        .send_exec(vessel_protocol::FrameKind::ExecStdout, copy_id, &buf[..n], &open)?;
+                    agent.writer.send_exec(
+                        vessel_protocol::FrameKind::ExecStdout,
+                        copy_id,
+                        &buf[..n],
+                        &open,
+                    )?;
                 }
                 match crate::copy::child_error(&mut child) {
                     e if e.is_empty() => Ok(()),
@@ -478,10 +485,8 @@ impl Agent {
         for (key, value) in &spec.sysctls {
             rootfs::set_sysctl(key, value).map_err(|e| StartError::other(e.to_string()))?;
         }
-        for (path, options) in &spec.tmpfs {
-            rootfs::mount_tmpfs(&root, path, options)
-                .map_err(|e| StartError::other(format!("--tmpfs {path}: {e}")))?;
-        }
+        crate::mounts::apply(&root, &spec.tmpfs, &spec.mounts)
+            .map_err(|e| StartError::other(e.to_string()))?;
         if spec.read_only {
             rootfs::make_read_only(&root).map_err(|e| StartError::other(e.to_string()))?;
         }

@@ -176,7 +176,10 @@ fn copy_out(path: &str, out: impl Write) -> io::Result<()> {
                 append(&mut b, &e.path(), &name)?;
             }
         } else {
-            let name = p.file_name().map(PathBuf::from).unwrap_or_else(|| ".".into());
+            let name = p
+                .file_name()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| ".".into());
             append(&mut b, p, &name)?;
         }
     } else {
@@ -202,7 +205,10 @@ fn export(out: impl Write) -> io::Result<()> {
         let pseudo = ["proc", "sys", "dev"].iter().any(|p| name == Path::new(p));
         if pseudo && e.file_type()?.is_dir() {
             let mut h = tar::Header::new_gnu();
-            h.set_metadata_in_mode(&std::fs::symlink_metadata(e.path())?, tar::HeaderMode::Complete);
+            h.set_metadata_in_mode(
+                &std::fs::symlink_metadata(e.path())?,
+                tar::HeaderMode::Complete,
+            );
             h.set_size(0);
             b.append_data(&mut h, &name, io::empty())?;
         } else {

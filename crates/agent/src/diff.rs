@@ -89,7 +89,11 @@ fn has_own_child(upper: &Path, dir: &str) -> bool {
         return false;
     };
     rd.flatten().any(|e| {
-        let p = format!("{}/{}", dir.trim_end_matches('/'), e.file_name().to_string_lossy());
+        let p = format!(
+            "{}/{}",
+            dir.trim_end_matches('/'),
+            e.file_name().to_string_lossy()
+        );
         !AGENT_PATHS.contains(&p.as_str())
     })
 }

@@ -33,6 +33,7 @@ mod channel;
 mod command;
 mod copy;
 mod diff;
+mod mounts;
 mod net;
 mod process;
 mod rootfs;

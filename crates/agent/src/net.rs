@@ -45,7 +45,12 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
-fn ioctl(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq, what: &str) -> io::Result<()> {
+fn ioctl(
+    sock: &OwnedFd,
+    request: libc::Ioctl,
+    req: &mut libc::ifreq,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: `req` is a valid ifreq that outlives the call; every request
     // used here reads or writes only the ifreq.
     if unsafe { libc::ioctl(sock.as_raw_fd(), request, req as *mut libc::ifreq) } < 0 {
@@ -80,7 +85,10 @@ fn parse_mac(mac: &str) -> io::Result<[u8; 6]> {
     }
     for (o, p) in out.iter_mut().zip(parts) {
         *o = u8::from_str_radix(p, 16).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("bad MAC address {mac}"))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad MAC address {mac}"),
+            )
         })?;
     }
     Ok(out)
@@ -88,7 +96,12 @@ fn parse_mac(mac: &str) -> io::Result<[u8; 6]> {
 
 fn set_flags(sock: &OwnedFd, name: &str, up: bool) -> io::Result<()> {
     let mut req = ifreq(name)?;
-    ioctl(sock, libc::SIOCGIFFLAGS, &mut req, &format!("flags of {name}"))?;
+    ioctl(
+        sock,
+        libc::SIOCGIFFLAGS,
+        &mut req,
+        &format!("flags of {name}"),
+    )?;
     // SAFETY: after SIOCGIFFLAGS the union holds ifru_flags.
     unsafe {
         let bits = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
@@ -98,7 +111,12 @@ fn set_flags(sock: &OwnedFd, name: &str, up: bool) -> io::Result<()> {
             req.ifr_ifru.ifru_flags &= !bits;
         }
     }
-    ioctl(sock, libc::SIOCSIFFLAGS, &mut req, &format!("set flags of {name}"))
+    ioctl(
+        sock,
+        libc::SIOCSIFFLAGS,
+        &mut req,
+        &format!("set flags of {name}"),
+    )
 }
 
 /// Names the NIC slots `eth<slot>` by their MAC addresses. Run once at
@@ -135,7 +153,12 @@ fn rename(sock: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
             *dst = src as libc::c_char;
         }
     }
-    ioctl(sock, libc::SIOCSIFNAME, &mut req, &format!("rename {from} to {to}"))
+    ioctl(
+        sock,
+        libc::SIOCSIFNAME,
+        &mut req,
+        &format!("rename {from} to {to}"),
+    )
 }
 
 /// Makes the NIC slots match `wanted`: listed slots get their MAC and
@@ -179,7 +202,12 @@ fn configure(sock: &OwnedFd, name: &str, spec: &InterfaceSpec) -> io::Result<()>
         *dst = src as libc::c_char;
     }
     req.ifr_ifru.ifru_hwaddr = hw;
-    ioctl(sock, libc::SIOCSIFHWADDR, &mut req, &format!("MAC of {name}"))?;
+    ioctl(
+        sock,
+        libc::SIOCSIFHWADDR,
+        &mut req,
+        &format!("MAC of {name}"),
+    )?;
     let ip: Ipv4Addr = spec.address.parse().map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -188,7 +216,12 @@ fn configure(sock: &OwnedFd, name: &str, spec: &InterfaceSpec) -> io::Result<()>
     })?;
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_addr = sockaddr_in(ip);
-    ioctl(sock, libc::SIOCSIFADDR, &mut req, &format!("address of {name}"))?;
+    ioctl(
+        sock,
+        libc::SIOCSIFADDR,
+        &mut req,
+        &format!("address of {name}"),
+    )?;
     let mask = if spec.prefix == 0 {
         0
     } else {
@@ -196,7 +229,12 @@ fn configure(sock: &OwnedFd, name: &str, spec: &InterfaceSpec) -> io::Result<()>
     };
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask));
-    ioctl(sock, libc::SIOCSIFNETMASK, &mut req, &format!("netmask of {name}"))?;
+    ioctl(
+        sock,
+        libc::SIOCSIFNETMASK,
+        &mut req,
+        &format!("netmask of {name}"),
+    )?;
     set_flags(sock, name, true)
 }
 
@@ -228,7 +266,12 @@ fn delete_default_route(sock: &OwnedFd) -> io::Result<()> {
         match route_request(sock, libc::SIOCDELRT, None) {
             Ok(()) => continue,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
-            Err(e) => return Err(io::Error::new(e.kind(), format!("delete default route: {e}"))),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("delete default route: {e}"),
+                ))
+            }
         }
     }
 }

@@ -312,8 +312,7 @@ pub fn set_sysctl(key: &str, value: &str) -> io::Result<()> {
         return Err(io::Error::other(format!("invalid sysctl {key:?}")));
     }
     let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-    std::fs::write(&path, value)
-        .map_err(|e| io::Error::other(format!("sysctl {key}={value}: {e}")))
+    std::fs::write(&path, value).map_err(|e| io::Error::other(format!("sysctl {key}={value}: {e}")))
 }
 
 #[cfg(test)]

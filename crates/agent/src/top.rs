@@ -46,7 +46,10 @@ fn row(pid: u32, names: &[(u32, String)], ticks: u64, boot: u64) -> Option<Vec<S
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     // The agent's own helpers (copies, warm-up) are not the container's.
-    if args.first().is_some_and(|a| a == "/init" || a == "/proc/self/exe") {
+    if args
+        .first()
+        .is_some_and(|a| a == "/init" || a == "/proc/self/exe")
+    {
         return None;
     }
     // Fields after the `(comm)`, which may contain spaces.

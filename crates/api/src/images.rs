@@ -446,9 +446,7 @@ fn glob(p: &str, s: &str) -> bool {
     fn go(p: &[char], s: &[char]) -> bool {
         match (p.first(), s.first()) {
             (None, None) => true,
-            (Some('*'), _) => {
-                go(&p[1..], s) || (!s.is_empty() && s[0] != '/' && go(p, &s[1..]))
-            }
+            (Some('*'), _) => go(&p[1..], s) || (!s.is_empty() && s[0] != '/' && go(p, &s[1..])),
             (Some('?'), Some(c)) if *c != '/' => go(&p[1..], &s[1..]),
             (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
             _ => false,
@@ -478,7 +476,7 @@ pub(crate) async fn system_df(s: &AppState) -> ApiResult<Response> {
         "LayersSize": usage.layers_size,
         "Images": image_list,
         "Containers": containers,
-        "Volumes": [],
+        "Volumes": s.engine.volumes_disk_usage().await?,
         "BuildCache": [],
     }))
     .into_response())

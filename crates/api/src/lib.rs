@@ -12,6 +12,7 @@ mod images;
 mod networks;
 pub mod stream;
 pub mod version;
+mod volumes;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -24,8 +25,8 @@ use axum::routing::{any, delete, get, post};
 use axum::Router;
 use bollard_stubs::models::{
     ContainerCreateBody, ContainerCreateResponse, ContainerWaitResponse, EventMessage, ExecConfig,
-    ExecStartConfig, ImageDeleteResponseItem, ImageInspect, ImageInspectRootFs,
-    Runtime, SystemInfo, SystemVersion, SystemVersionComponents, SystemVersionPlatform,
+    ExecStartConfig, ImageDeleteResponseItem, ImageInspect, ImageInspectRootFs, Runtime,
+    SystemInfo, SystemVersion, SystemVersionComponents, SystemVersionPlatform,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -130,6 +131,10 @@ impl Query {
     }
 }
 
+/// The API version a request asked for (set by version negotiation).
+#[derive(Debug, Clone, Copy)]
+struct ApiVersion((u32, u32));
+
 #[derive(Clone)]
 struct AppState {
     engine: Engine,
@@ -180,6 +185,7 @@ pub fn service(engine: Engine) -> Router {
         .route("/exec/{id}/start", post(exec_start))
         .route("/exec/{id}/resize", post(exec_resize))
         .route("/exec/{id}/json", get(exec_inspect))
+        .merge(volumes::routes())
         .fallback(not_found)
         .with_state(AppState { engine });
     Router::new()
@@ -191,7 +197,11 @@ async fn negotiate(mut req: Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path().to_string();
     match split(&path) {
         Versioned::Reject(msg) => ApiError::bad(msg).into_response(),
-        Versioned::Ok { path: new_path, .. } => {
+        Versioned::Ok {
+            path: new_path,
+            version,
+        } => {
+            req.extensions_mut().insert(ApiVersion(version));
             if new_path != path {
                 let pq = match req.uri().query() {
                     Some(q) => format!("{new_path}?{q}"),
@@ -419,6 +429,7 @@ fn event_matches(e: &EventMessage, filters: &HashMap<String, Vec<String>>) -> bo
                 Some((lk, lv)) => attrs.get(lk).is_some_and(|x| x == lv),
                 None => attrs.contains_key(v),
             },
+            "volume" => typ == "volume" && id == *v,
             _ => false,
         })
     })
@@ -439,7 +450,7 @@ async fn events(State(s): State<AppState>, req: Request) -> ApiResult<Response> 
     let q = Query::of(req.uri());
     let filters = parse_filters(&q)?;
     for k in filters.keys() {
-        if !["type", "event", "container", "image", "label"].contains(&k.as_str()) {
+        if !["type", "event", "container", "image", "label", "volume"].contains(&k.as_str()) {
             return Err(ApiError::bad(format!("invalid filter '{k}'")));
         }
     }
@@ -498,7 +509,6 @@ async fn events(State(s): State<AppState>, req: Request) -> ApiResult<Response> 
 }
 
 // ---------------------------------------------------------------- images
-
 
 async fn images_list(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
     images::list(&s, &Query::of(req.uri())).await
@@ -898,10 +908,7 @@ async fn container_changes(
     Ok(axum::Json(out).into_response())
 }
 
-async fn container_top(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn container_top(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let (titles, processes) = s.engine.top(&id).await?;
     Ok(axum::Json(serde_json::json!({ "Titles": titles, "Processes": processes })).into_response())
 }
@@ -1007,7 +1014,9 @@ async fn container_remove(
     req: Request,
 ) -> ApiResult<StatusCode> {
     let q = Query::of(req.uri());
-    s.engine.remove(&id, q.flag("force")).await?;
+    s.engine
+        .remove_with_volumes(&id, q.flag("force"), q.flag("v"))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

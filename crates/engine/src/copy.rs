@@ -166,7 +166,7 @@ impl Engine {
         let (pid, _, mut reader, writer, _) = self.launch(&spec).await?;
         let fail = |msg: String| {
             vessel_vm::kill_vm(pid, &name);
-            let _ = std::fs::remove_dir_all(&run_dir);
+            crate::volumes::remove_run_dir(&run_dir);
             EngineError::Internal(msg)
         };
         crate::pool::prepare_root(&mut reader, &writer)
@@ -187,7 +187,7 @@ impl Engine {
                 vessel_vm::kill_vm(pid, &name);
                 vessel_vm::wait_exit(pid).await;
             }
-            let _ = std::fs::remove_dir_all(&run_dir);
+            crate::volumes::remove_run_dir(&run_dir);
         });
         Ok((writer, pump))
     }
@@ -218,7 +218,11 @@ impl Engine {
     }
 
     /// `HEAD /containers/{id}/archive`.
-    pub async fn archive_stat(&self, name_or_id: &str, path: &str) -> Result<PathStat, EngineError> {
+    pub async fn archive_stat(
+        &self,
+        name_or_id: &str,
+        path: &str,
+    ) -> Result<PathStat, EngineError> {
         let cid = self.lookup(name_or_id)?.id.clone();
         let mut s = self.copy_session(name_or_id).await?;
         let sent = s
@@ -399,7 +403,9 @@ impl Engine {
             .map_err(io)?;
         let result = done(cid, path, s.events.recv().await);
         match body_error {
-            Some(e) => Err(EngineError::InvalidParameter(format!("reading the archive: {e}"))),
+            Some(e) => Err(EngineError::InvalidParameter(format!(
+                "reading the archive: {e}"
+            ))),
             None => result,
         }
     }

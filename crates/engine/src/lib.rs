@@ -22,6 +22,7 @@ mod record;
 pub mod signal;
 mod stats;
 mod template;
+mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,13 +44,14 @@ use vessel_vm::channel::{connect, AgentReader, AgentWriter, Incoming, Transport}
 use vessel_vm::{Accel, Boot, Hypervisor, ProbeResult, Qemu, VmSpec};
 
 pub use bollard_stubs::models::EventMessageTypeEnum as EventType;
+pub use copy::ArchiveStream;
 pub use events::Events;
 pub use exec::{ExecHandle, ExecState};
 pub use logs::LogEntry;
-pub use copy::ArchiveStream;
-pub use vessel_protocol::PathStat;
 pub use network::{NetworkConfig, NetworkFilters, NetworkRecord};
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
+pub use vessel_protocol::PathStat;
+pub use volumes::MountRecord;
 
 /// Default guest memory when `--memory` is not given.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -304,6 +306,8 @@ struct Inner {
     next_exec: std::sync::atomic::AtomicU32,
     containers: Mutex<HashMap<String, Arc<Handle>>>,
     create_lock: tokio::sync::Mutex<()>,
+    /// Named and anonymous volumes (`<data-root>/volumes`).
+    volumes: Arc<vessel_volume::VolumeStore>,
 }
 
 fn now_rfc3339() -> String {
@@ -405,6 +409,7 @@ impl Engine {
         };
         let registry = Arc::new(vessel_registry::Registry::new(cfg.registry.clone()));
         let networks = Arc::new(network::Networks::open(cfg.network.clone(), &store)?);
+        let volumes = Arc::new(vessel_volume::VolumeStore::open(&root.join("volumes"))?);
         let engine = Engine {
             inner: Arc::new(Inner {
                 cfg,
@@ -428,6 +433,7 @@ impl Engine {
                 next_exec: std::sync::atomic::AtomicU32::new(0),
                 containers: Mutex::new(HashMap::new()),
                 create_lock: tokio::sync::Mutex::new(()),
+                volumes,
             }),
         };
         engine.recover().await?;
@@ -474,13 +480,9 @@ impl Engine {
     }
 
     /// `docker top`: the processes in the container's VM (`ps -ef` columns).
-    pub async fn top(
-        &self,
-        name_or_id: &str,
-    ) -> Result<TopAnswer, EngineError> {
+    pub async fn top(&self, name_or_id: &str) -> Result<TopAnswer, EngineError> {
         let h = self.lookup(name_or_id)?;
-        let not_running =
-            || EngineError::Conflict(format!("Container {} is not running", h.id));
+        let not_running = || EngineError::Conflict(format!("Container {} is not running", h.id));
         let writer = h.live.lock().await.writer.clone().ok_or_else(not_running)?;
         let req_id = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1013,7 +1015,10 @@ impl Engine {
         }
         let shape = self.shape(&host_config)?;
         let mut host_config = host_config;
-        if matches!(host_config.network_mode.as_deref(), None | Some("") | Some("default")) {
+        if matches!(
+            host_config.network_mode.as_deref(),
+            None | Some("") | Some("default")
+        ) {
             host_config.network_mode = Some("bridge".into());
         }
         let endpoints = network::endpoints_for_create(
@@ -1068,6 +1073,9 @@ impl Engine {
         rand::Rng::fill(&mut rand::rng(), &mut idb);
         let id = hex::encode(idb);
         let mut config = config;
+        let (mounts, made_volumes) = self
+            .plan_mounts(&host_config, &image.config.volumes, &mut config)
+            .await?;
         if config.hostname.as_deref().unwrap_or("").is_empty() {
             config.hostname = Some(id[..12].to_string());
         }
@@ -1100,6 +1108,7 @@ impl Engine {
             networks: endpoints,
             taps: vec![],
             published: vec![],
+            mounts,
         };
         let dir = self.container_dir(&id);
         std::fs::create_dir_all(&dir)
@@ -1109,6 +1118,7 @@ impl Engine {
         let made = blocking(move || make_upper(&blank, &upper)).await?;
         if let Err(e) = made.and_then(|_| self.persist(&rec)) {
             let _ = std::fs::remove_dir_all(&dir);
+            self.drop_volumes(&made_volumes).await;
             return Err(e);
         }
         info!(id = %id, name = %rec.name, image = %rec.image, create_ms = created_at.elapsed().as_millis() as u64, "container created");
@@ -1197,11 +1207,11 @@ impl Engine {
                 });
                 self.unpublish_ports(&rec.id);
                 let _ = self.persist(&rec);
-                let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+                volumes::remove_run_dir(&self.run_dir(&rec.id));
                 // Docker removes an auto-remove container whose start failed;
                 // `docker run --rm` waits for that removal.
                 if rec.host_config.auto_remove == Some(true) {
-                    let _ = self.remove(&rec.id, true).await;
+                    let _ = self.remove_with_volumes(&rec.id, true, true).await;
                 }
                 Err(e)
             }
@@ -1227,7 +1237,7 @@ impl Engine {
         let image_disk = blocking(move || images.boot_disk(&image_id)).await??;
         let t_disk = started.elapsed();
         let run_dir = self.run_dir(&rec.id);
-        let _ = std::fs::remove_dir_all(&run_dir);
+        volumes::remove_run_dir(&run_dir);
         let upper_disk = self.container_dir(&rec.id).join("upper.qcow2");
         let warm = match &self.inner.pool {
             Some(pool) if rec.fresh_upper => pool
@@ -1254,11 +1264,25 @@ impl Engine {
                     kernel_release: String::new(),
                     process: ProcessState::Idle,
                 };
-                (vm.pid, Duration::ZERO, vm.reader, vm.writer, idle, "warm", Some(vm.name), vm.taps)
+                (
+                    vm.pid,
+                    Duration::ZERO,
+                    vm.reader,
+                    vm.writer,
+                    idle,
+                    "warm",
+                    Some(vm.name),
+                    vm.taps,
+                )
             }
             None => {
-                let mut spec =
-                    self.vm_spec(rec.id.clone(), run_dir.clone(), image_disk, upper_disk, &rec.vm);
+                let mut spec = self.vm_spec(
+                    rec.id.clone(),
+                    run_dir.clone(),
+                    image_disk,
+                    upper_disk,
+                    &rec.vm,
+                );
                 let cloned = matches!(spec.boot, Boot::Clone { .. });
                 let launched = match self.launch(&spec).await {
                     Err(e) if cloned => {
@@ -1277,7 +1301,16 @@ impl Engine {
                 } else {
                     "cold"
                 };
-                (pid, t_spawn, reader, writer, state, kind, None, spec.taps.clone())
+                (
+                    pid,
+                    t_spawn,
+                    reader,
+                    writer,
+                    state,
+                    kind,
+                    None,
+                    spec.taps.clone(),
+                )
             }
         };
         h.killed.store(false, Ordering::SeqCst);
@@ -1314,14 +1347,26 @@ impl Engine {
             return Err(fail(format!("fresh VM's agent is not idle: {state:?}")));
         }
         let tty_size = h.live.lock().await.tty_size;
-        let spec = self.process_spec(&rec, tty_size);
+        let mut spec = self.process_spec(&rec, tty_size);
+        let seal = match self.share_mounts(&rec, &run_dir, &mut spec).await {
+            Ok(seal) => seal,
+            Err(e) => {
+                vessel_vm::kill_vm(pid, &vm_name);
+                return Err(e);
+            }
+        };
         writer
             .send(&HostMsg::Start(Box::new(spec)))
             .await
             .map_err(|e| fail(e.to_string()))?;
         loop {
             match reader.next().await {
-                Ok(Some(Incoming::Msg(GuestMsg::Started { .. }))) => break,
+                Ok(Some(Incoming::Msg(GuestMsg::Started { .. }))) => {
+                    self.seal_mounts(&rec.id, seal)
+                        .await
+                        .map_err(|e| fail(e.to_string()))?;
+                    break;
+                }
                 Ok(Some(Incoming::Msg(GuestMsg::StartFailed { message, exit_code }))) => {
                     vessel_vm::kill_vm(pid, &vm_name);
                     let rec = h.update(|r| {
@@ -1493,6 +1538,7 @@ impl Engine {
             read_only: rec.host_config.readonly_rootfs.unwrap_or(false),
             tmpfs: sorted_pairs(rec.host_config.tmpfs.as_ref()),
             sysctls: sorted_pairs(rec.host_config.sysctls.as_ref()),
+            mounts: vec![],
         }
     }
 
@@ -1647,6 +1693,7 @@ impl Engine {
             vessel_vm::kill_vm(pid, &name);
             vessel_vm::wait_exit(pid).await;
         }
+        self.release_mounts(&h.rec(), &self.run_dir(&id)).await;
         let rec = h.update(|r| {
             network::release(r);
             r.state.status = Status::Exited;
@@ -1683,7 +1730,7 @@ impl Engine {
             });
         }
         if rec.host_config.auto_remove == Some(true) {
-            if let Err(e) = self.remove(&id, true).await {
+            if let Err(e) = self.remove_with_volumes(&id, true, true).await {
                 if !matches!(e, EngineError::NotFound(_)) {
                     warn!(%id, "auto-remove failed: {e}");
                 }
@@ -1831,6 +1878,17 @@ impl Engine {
 
     /// `docker rm`.
     pub async fn remove(&self, name_or_id: &str, force: bool) -> Result<(), EngineError> {
+        self.remove_with_volumes(name_or_id, force, false).await
+    }
+
+    /// `docker rm [-v]`: with `volumes`, the container's anonymous volumes
+    /// that no other container uses go too.
+    pub async fn remove_with_volumes(
+        &self,
+        name_or_id: &str,
+        force: bool,
+        volumes: bool,
+    ) -> Result<(), EngineError> {
         let h = self.lookup(name_or_id)?;
         let _op = h.op.lock().await;
         let rec = h.rec();
@@ -1853,7 +1911,7 @@ impl Engine {
         }
         let rec = h.update(|r| r.state.status = Status::Removing);
         self.persist(&rec)?;
-        let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+        volumes::remove_run_dir(&self.run_dir(&rec.id));
         let dir = self.container_dir(&rec.id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -1876,6 +1934,9 @@ impl Engine {
             execs.retain(|_, e| e.container_id != rec.id);
         }
         self.container_event(&rec, "destroy", &[]);
+        if volumes {
+            self.remove_anonymous_volumes(&rec).await;
+        }
         info!(id = %rec.id, "container removed");
         Ok(())
     }
@@ -2260,6 +2321,7 @@ impl Engine {
                 }
             }
         }
+        self.release_stale_mounts();
         // Restart policies at daemon start: `always` even after a manual
         // stop, `unless-stopped` unless the user stopped it.
         for h in self.handles() {

@@ -157,7 +157,10 @@ fn net_err(e: vessel_network::NetError) -> EngineError {
 impl Networks {
     /// Loads the networks, creates the predefined ones on first use, and
     /// makes the host match: bridges up, firewall table written.
-    pub(crate) fn open(cfg: NetworkConfig, store: &vessel_store::Store) -> Result<Self, EngineError> {
+    pub(crate) fn open(
+        cfg: NetworkConfig,
+        store: &vessel_store::Store,
+    ) -> Result<Self, EngineError> {
         let table_name = format!("vessel_{}", cfg.bridge_name.replace('-', "_"));
         let this = Self {
             firewall: Firewall::new(table_name),
@@ -165,8 +168,9 @@ impl Networks {
             table: Mutex::new(BTreeMap::new()),
             alloc: Mutex::new(()),
         };
-        let stored: Vec<(String, NetworkRecord)> =
-            store.list(TABLE).map_err(|e| internal("load networks", e))?;
+        let stored: Vec<(String, NetworkRecord)> = store
+            .list(TABLE)
+            .map_err(|e| internal("load networks", e))?;
         {
             let mut t = this.lock();
             for (id, n) in stored {
@@ -210,7 +214,8 @@ impl Networks {
                     .or(Some(subnet.first_host()));
                 n.subnet = Some(subnet);
                 n.bridge = this.cfg.bridge_name.clone();
-                n.options.insert(BRIDGE_NAME_OPTION.into(), n.bridge.clone());
+                n.options
+                    .insert(BRIDGE_NAME_OPTION.into(), n.bridge.clone());
             }
             store
                 .put(TABLE, &n.id, &n)
@@ -277,9 +282,7 @@ impl Networks {
         let mut taken: Vec<Subnet> = self.lock().values().filter_map(|n| n.subnet).collect();
         taken.extend(ipam::host_subnets().map_err(net_err)?);
         ipam::pick_subnet(&ipam::default_pools(), &taken).ok_or_else(|| {
-            EngineError::Forbidden(
-                "all predefined address pools have been fully subnetted".into(),
-            )
+            EngineError::Forbidden("all predefined address pools have been fully subnetted".into())
         })
     }
 
@@ -296,14 +299,20 @@ impl Networks {
     ) -> Result<NetworkRecord, EngineError> {
         let name = req.name.trim().to_string();
         if name.is_empty() {
-            return Err(EngineError::InvalidParameter("network name cannot be empty".into()));
+            return Err(EngineError::InvalidParameter(
+                "network name cannot be empty".into(),
+            ));
         }
         if self.find_exact(&name).is_some() {
             return Err(EngineError::Conflict(format!(
                 "network with name {name} already exists"
             )));
         }
-        let driver = req.driver.clone().filter(|d| !d.is_empty()).unwrap_or("bridge".into());
+        let driver = req
+            .driver
+            .clone()
+            .filter(|d| !d.is_empty())
+            .unwrap_or("bridge".into());
         if driver != "bridge" {
             return Err(if ["host", "null"].contains(&driver.as_str()) {
                 EngineError::Forbidden(format!(
@@ -330,7 +339,12 @@ impl Networks {
             .unwrap_or_default();
         let v4: Vec<&IpamConfig> = ipam_cfg
             .iter()
-            .filter(|c| c.subnet.as_deref().map(|s| !s.contains(':')).unwrap_or(true))
+            .filter(|c| {
+                c.subnet
+                    .as_deref()
+                    .map(|s| !s.contains(':'))
+                    .unwrap_or(true)
+            })
             .collect();
         if v4.len() > 1 {
             return Err(EngineError::InvalidParameter(
@@ -344,7 +358,10 @@ impl Networks {
         let (subnet, user_subnet) = match v4.first().and_then(|c| c.subnet.clone()) {
             Some(s) => (s.parse::<Subnet>().map_err(net_err)?, true),
             None => {
-                if v4.first().map(|c| c.gateway.is_some() || c.ip_range.is_some()) == Some(true)
+                if v4
+                    .first()
+                    .map(|c| c.gateway.is_some() || c.ip_range.is_some())
+                    == Some(true)
                 {
                     return Err(EngineError::InvalidParameter(
                         "a gateway or an IP range needs a subnet (--subnet)".into(),
@@ -429,9 +446,14 @@ impl Networks {
             .put(TABLE, &id, &n)
             .map_err(|e| internal("save network", e))?;
         self.lock().insert(id.clone(), n.clone());
-        let made = vessel_network::bridge::ensure_bridge(&n.bridge, gateway, &subnet, &self.cfg.bridge_name)
-            .map_err(net_err)
-            .and_then(|_| self.apply_firewall());
+        let made = vessel_network::bridge::ensure_bridge(
+            &n.bridge,
+            gateway,
+            &subnet,
+            &self.cfg.bridge_name,
+        )
+        .map_err(net_err)
+        .and_then(|_| self.apply_firewall());
         if let Err(e) = made {
             // Nothing half-made stays behind.
             self.lock().remove(&id);
@@ -502,7 +524,16 @@ pub(crate) fn endpoints_for_create(
         .cloned()
         .unwrap_or_default()
         .into_iter()
-        .map(|(k, v)| (if k == "default" { "bridge".to_string() } else { k }, v))
+        .map(|(k, v)| {
+            (
+                if k == "default" {
+                    "bridge".to_string()
+                } else {
+                    k
+                },
+                v,
+            )
+        })
         .collect();
     let primary = Networks::mode_network(mode);
     if primary.is_none() && configs.keys().any(|k| k != "none") {
@@ -531,7 +562,10 @@ pub(crate) fn endpoints_for_create(
                 n.name, n.driver
             )));
         }
-        let cfg = configs.get(key).or_else(|| configs.get(&n.name)).or_else(|| configs.get(&n.id));
+        let cfg = configs
+            .get(key)
+            .or_else(|| configs.get(&n.name))
+            .or_else(|| configs.get(&n.id));
         let mut ep = endpoint_from_settings(&n, cfg)?;
         if i == 0 && ep.requested_mac.is_none() {
             if let Some(m) = mac_address.filter(|m| !m.is_empty()) {
@@ -627,9 +661,9 @@ pub(crate) fn allocate(
         .ok_or_else(|| internal("network", format!("{} has no gateway", n.name)))?;
     let ip = match &ep.requested_ip {
         Some(ip) => {
-            let ip: Ipv4Addr = ip
-                .parse()
-                .map_err(|_| EngineError::InvalidParameter(format!("invalid IPv4 address: {ip}")))?;
+            let ip: Ipv4Addr = ip.parse().map_err(|_| {
+                EngineError::InvalidParameter(format!("invalid IPv4 address: {ip}"))
+            })?;
             if used.contains(&ip) {
                 return Err(EngineError::Conflict(format!(
                     "Address already in use: {ip} is taken on network {}",
@@ -639,10 +673,7 @@ pub(crate) fn allocate(
             ip
         }
         None => ipam::next_address(&subnet, n.ip_range.as_ref(), gw, used).ok_or_else(|| {
-            EngineError::Forbidden(format!(
-                "no available IPv4 addresses on network {}",
-                n.name
-            ))
+            EngineError::Forbidden(format!("no available IPv4 addresses on network {}", n.name))
         })?,
     };
     ep.ip = Some(ip.to_string());
@@ -677,7 +708,11 @@ pub(crate) fn interfaces(rec: &ContainerRecord) -> Vec<InterfaceSpec> {
                 mac: e.mac.clone()?,
                 address: e.ip.clone()?,
                 prefix: e.prefix,
-                gateway: if e.default_route { e.gateway.clone() } else { None },
+                gateway: if e.default_route {
+                    e.gateway.clone()
+                } else {
+                    None
+                },
             })
         })
         .collect();
@@ -765,14 +800,34 @@ pub(crate) fn endpoint_settings(rec: &ContainerRecord, ep: &Endpoint) -> Endpoin
             ..Default::default()
         }),
         links: None,
-        mac_address: Some(if live { ep.mac.clone().unwrap_or_default() } else { String::new() }),
-        aliases: if ep.aliases.is_empty() { None } else { Some(ep.aliases.clone()) },
+        mac_address: Some(if live {
+            ep.mac.clone().unwrap_or_default()
+        } else {
+            String::new()
+        }),
+        aliases: if ep.aliases.is_empty() {
+            None
+        } else {
+            Some(ep.aliases.clone())
+        },
         driver_opts: None,
         gw_priority: Some(0),
         network_id: Some(ep.network_id.clone()),
-        endpoint_id: Some(if live { ep.endpoint_id.clone() } else { String::new() }),
-        gateway: Some(if live { ep.gateway.clone().unwrap_or_default() } else { String::new() }),
-        ip_address: Some(if live { ep.ip.clone().unwrap_or_default() } else { String::new() }),
+        endpoint_id: Some(if live {
+            ep.endpoint_id.clone()
+        } else {
+            String::new()
+        }),
+        gateway: Some(if live {
+            ep.gateway.clone().unwrap_or_default()
+        } else {
+            String::new()
+        }),
+        ip_address: Some(if live {
+            ep.ip.clone().unwrap_or_default()
+        } else {
+            String::new()
+        }),
         ip_prefix_len: Some(if live { i64::from(ep.prefix) } else { 0 }),
         ipv6_gateway: Some(String::new()),
         global_ipv6_address: Some(String::new()),
@@ -782,7 +837,12 @@ pub(crate) fn endpoint_settings(rec: &ContainerRecord, ep: &Endpoint) -> Endpoin
 }
 
 /// Emits a network event.
-pub(crate) fn event(events: &crate::events::Events, n: &NetworkRecord, action: &str, container: Option<&str>) {
+pub(crate) fn event(
+    events: &crate::events::Events,
+    n: &NetworkRecord,
+    action: &str,
+    container: Option<&str>,
+) {
     let mut attrs = HashMap::new();
     attrs.insert("name".to_string(), n.name.clone());
     attrs.insert("type".to_string(), n.driver.clone());
@@ -839,7 +899,10 @@ impl NetworkFilters {
                     (k == "custom" && !n.predefined()) || (k == "builtin" && n.predefined())
                 }))
             && (self.scope.is_empty() || self.scope.iter().any(|s| s == "local"))
-            && self.dangling.map(|d| d == (!in_use && !n.predefined())).unwrap_or(true)
+            && self
+                .dangling
+                .map(|d| d == (!in_use && !n.predefined()))
+                .unwrap_or(true)
     }
 }
 
@@ -983,10 +1046,15 @@ impl crate::Engine {
         self.persist(&rec)
     }
 
-    async fn set_interfaces(&self, h: &crate::Handle, rec: &ContainerRecord) -> Result<(), EngineError> {
-        let writer = h.live.lock().await.writer.clone().ok_or_else(|| {
-            EngineError::Conflict(format!("container {} is not running", rec.id))
-        })?;
+    async fn set_interfaces(
+        &self,
+        h: &crate::Handle,
+        rec: &ContainerRecord,
+    ) -> Result<(), EngineError> {
+        let writer =
+            h.live.lock().await.writer.clone().ok_or_else(|| {
+                EngineError::Conflict(format!("container {} is not running", rec.id))
+            })?;
         let req_id = self
             .inner
             .next_exec
@@ -1037,9 +1105,10 @@ impl crate::Engine {
         let _op = h.op.lock().await;
         let rec = h.rec();
         if !n.is_bridge() {
-            return Err(EngineError::Forbidden(format!(
+            return Err(EngineError::Forbidden(
                 "container cannot be disconnected from host network or connected to host network"
-            )));
+                    .into(),
+            ));
         }
         if rec.host_config.network_mode.as_deref() == Some("none") {
             return Err(EngineError::Forbidden(
@@ -1155,11 +1224,9 @@ pub(crate) fn port_requests(
 ) -> Result<Vec<(u16, Proto, String, u16)>, EngineError> {
     fn key(k: &str) -> Result<(u16, Proto), EngineError> {
         let (p, proto) = k.split_once('/').unwrap_or((k, "tcp"));
-        let port: u16 = p
-            .parse()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| EngineError::InvalidParameter(format!("invalid port specification: \"{k}\"")))?;
+        let port: u16 = p.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+            EngineError::InvalidParameter(format!("invalid port specification: \"{k}\""))
+        })?;
         let proto: Proto = proto.parse().map_err(|_| {
             EngineError::InvalidParameter(format!(
                 "invalid proto \"{proto}\" in port specification \"{k}\": Vessel publishes tcp and udp ports"
@@ -1171,20 +1238,25 @@ pub(crate) fn port_requests(
     for (k, bindings) in hc.port_bindings.iter().flatten() {
         let (port, proto) = key(k)?;
         for b in bindings.iter().flatten() {
-            let host_ip = b.host_ip.clone().filter(|s| !s.is_empty()).unwrap_or("0.0.0.0".into());
+            let host_ip = b
+                .host_ip
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("0.0.0.0".into());
             host_ip.parse::<std::net::IpAddr>().map_err(|_| {
                 EngineError::InvalidParameter(format!("invalid host IP address: {host_ip}"))
             })?;
             let hp = b.host_port.clone().unwrap_or_default();
-            let host_port: u16 = if hp.is_empty() {
-                0
-            } else {
-                // A range ("8000-8010") takes its first port that is free;
-                // the first one is tried here, the rest at start.
-                hp.split('-').next().unwrap_or("").parse().map_err(|_| {
-                    EngineError::InvalidParameter(format!("invalid hostPort: {hp}"))
-                })?
-            };
+            let host_port: u16 =
+                if hp.is_empty() {
+                    0
+                } else {
+                    // A range ("8000-8010") takes its first port that is free;
+                    // the first one is tried here, the rest at start.
+                    hp.split('-').next().unwrap_or("").parse().map_err(|_| {
+                        EngineError::InvalidParameter(format!("invalid hostPort: {hp}"))
+                    })?
+                };
             out.push((port, proto, host_ip, host_port));
         }
     }
@@ -1205,7 +1277,15 @@ use vessel_network::proxy::{PortProxy, Proto};
 /// per bridge network and the proxies of published ports.
 #[derive(Default)]
 pub(crate) struct NetServices {
-    dns: tokio::sync::Mutex<HashMap<String, (vessel_network::dns::DnsServer, Arc<vessel_network::dns::NameTable>)>>,
+    dns: tokio::sync::Mutex<
+        HashMap<
+            String,
+            (
+                vessel_network::dns::DnsServer,
+                Arc<vessel_network::dns::NameTable>,
+            ),
+        >,
+    >,
     proxies: Mutex<HashMap<String, Vec<PortProxy>>>,
 }
 
@@ -1228,18 +1308,26 @@ impl crate::Engine {
             .and_then(|e| e.ip.as_deref()?.parse().ok())
             .ok_or_else(|| {
                 EngineError::InvalidParameter(
-                    "conflicting options: port publishing and the container type network mode".into(),
+                    "conflicting options: port publishing and the container type network mode"
+                        .into(),
                 )
             })?;
         let mut proxies = vec![];
         let mut published = vec![];
         for (port, proto, host_ip, host_port) in wanted {
-            let ip: std::net::IpAddr = host_ip
-                .parse()
-                .map_err(|_| EngineError::InvalidParameter(format!("invalid host IP address: {host_ip}")))?;
+            let ip: std::net::IpAddr = host_ip.parse().map_err(|_| {
+                EngineError::InvalidParameter(format!("invalid host IP address: {host_ip}"))
+            })?;
             let listen = std::net::SocketAddr::new(ip, host_port);
             let target = std::net::SocketAddr::new(std::net::IpAddr::V4(target_ip), port);
-            match PortProxy::start(proto, listen, target, Some(vessel_network::firewall::PROXY_MARK)).await {
+            match PortProxy::start(
+                proto,
+                listen,
+                target,
+                Some(vessel_network::firewall::PROXY_MARK),
+            )
+            .await
+            {
                 Ok(p) => {
                     published.push(crate::record::PublishedPort {
                         port,
@@ -1287,14 +1375,26 @@ impl crate::Engine {
         };
         let mut proxies = vec![];
         for p in &rec.published {
-            let (Ok(ip), Ok(proto)) = (p.host_ip.parse::<std::net::IpAddr>(), p.proto.parse::<Proto>()) else {
+            let (Ok(ip), Ok(proto)) = (
+                p.host_ip.parse::<std::net::IpAddr>(),
+                p.proto.parse::<Proto>(),
+            ) else {
                 continue;
             };
             let listen = std::net::SocketAddr::new(ip, p.host_port);
             let target = std::net::SocketAddr::new(std::net::IpAddr::V4(target_ip), p.port);
-            match PortProxy::start(proto, listen, target, Some(vessel_network::firewall::PROXY_MARK)).await {
+            match PortProxy::start(
+                proto,
+                listen,
+                target,
+                Some(vessel_network::firewall::PROXY_MARK),
+            )
+            .await
+            {
                 Ok(px) => proxies.push(px),
-                Err(e) => warn!(id = %rec.id, "publishing {}:{} again: {e}", p.host_ip, p.host_port),
+                Err(e) => {
+                    warn!(id = %rec.id, "publishing {}:{} again: {e}", p.host_ip, p.host_port)
+                }
             }
         }
         self.inner
@@ -1320,7 +1420,12 @@ impl crate::Engine {
     /// names of the containers on user-defined networks.
     pub(crate) async fn refresh_dns(&self) {
         let recs: Vec<ContainerRecord> = self.handles().iter().map(|h| h.rec()).collect();
-        let nets: Vec<NetworkRecord> = self.nets().all().into_iter().filter(|n| n.is_bridge()).collect();
+        let nets: Vec<NetworkRecord> = self
+            .nets()
+            .all()
+            .into_iter()
+            .filter(|n| n.is_bridge())
+            .collect();
         let mut dns = self.inner.net_services.dns.lock().await;
         dns.retain(|id, _| nets.iter().any(|n| &n.id == id));
         for n in &nets {

@@ -223,7 +223,7 @@ fn end_leftovers(run_root: &Path) {
             if let Some(pid) = vessel_vm::qemu::read_pid(&e.path()) {
                 vessel_vm::kill_vm(pid, &vm_name(rest));
             }
-            let _ = std::fs::remove_dir_all(e.path());
+            crate::volumes::remove_run_dir(&e.path());
         }
     }
 }
@@ -239,7 +239,7 @@ fn vm_name(suffix: &str) -> String {
 
 fn discard(vm: &WarmVm) {
     vessel_vm::kill_vm(vm.pid, &vm.name);
-    let _ = std::fs::remove_dir_all(&vm.run_dir);
+    crate::volumes::remove_run_dir(&vm.run_dir);
     if let Some(dir) = vm.upper.parent() {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -302,7 +302,7 @@ impl Engine {
                 vessel_vm::kill_vm(pid, &name);
             }
             let _ = std::fs::remove_dir_all(&dir);
-            let _ = std::fs::remove_dir_all(&run_dir);
+            crate::volumes::remove_run_dir(&run_dir);
         };
         let made = {
             let (blank, upper) = (self.inner.blank_upper.clone(), upper.clone());
@@ -324,7 +324,13 @@ impl Engine {
         let spec = VmSpec {
             boot,
             background: true,
-            ..self.vm_spec(name.clone(), run_dir.clone(), image_disk, upper.clone(), shape)
+            ..self.vm_spec(
+                name.clone(),
+                run_dir.clone(),
+                image_disk,
+                upper.clone(),
+                shape,
+            )
         };
         let (pid, _, mut reader, writer, _) = match self.launch(&spec).await {
             Ok(l) => l,
@@ -381,7 +387,7 @@ pub(crate) async fn prepare_root(
 /// container's places. The VM keeps its open files; only names change.
 pub(crate) fn adopt(vm: &WarmVm, upper: &Path, run_dir: &Path) -> std::io::Result<()> {
     std::fs::rename(&vm.upper, upper)?;
-    let _ = std::fs::remove_dir_all(run_dir);
+    crate::volumes::remove_run_dir(run_dir);
     std::fs::rename(&vm.run_dir, run_dir)?;
     if let Some(dir) = vm.upper.parent() {
         let _ = std::fs::remove_dir_all(dir);

@@ -121,6 +121,9 @@ pub struct ContainerRecord {
     /// Ports published while running.
     #[serde(default)]
     pub published: Vec<PublishedPort>,
+    /// Volumes, bind mounts and tmpfs mounts, resolved at create.
+    #[serde(default)]
+    pub mounts: Vec<crate::MountRecord>,
 }
 
 /// A container's place on one network. The address part is set while the
@@ -298,13 +301,15 @@ impl ContainerRecord {
                 name: "vessel-overlay".into(),
                 data: HashMap::new(),
             }),
-            mounts: Some(vec![]),
+            mounts: Some(self.mounts.iter().map(crate::MountRecord::point).collect()),
             config: Some(self.config.clone()),
             network_settings: Some(NetworkSettings {
                 networks: Some(
                     self.networks
                         .iter()
-                        .map(|(name, ep)| (name.clone(), crate::network::endpoint_settings(self, ep)))
+                        .map(|(name, ep)| {
+                            (name.clone(), crate::network::endpoint_settings(self, ep))
+                        })
                         .collect(),
                 ),
                 ports: Some(self.port_map()),
@@ -389,11 +394,13 @@ impl ContainerRecord {
                 networks: Some(
                     self.networks
                         .iter()
-                        .map(|(name, ep)| (name.clone(), crate::network::endpoint_settings(self, ep)))
+                        .map(|(name, ep)| {
+                            (name.clone(), crate::network::endpoint_settings(self, ep))
+                        })
                         .collect(),
                 ),
             }),
-            mounts: Some(vec![]),
+            mounts: Some(self.mounts.iter().map(crate::MountRecord::point).collect()),
             ..Default::default()
         }
     }

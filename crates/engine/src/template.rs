@@ -73,7 +73,7 @@ impl Templates {
                 if let Some(pid) = vessel_vm::qemu::read_pid(&e.path()) {
                     vessel_vm::kill_vm(pid, &format!("template-{key}"));
                 }
-                let _ = std::fs::remove_dir_all(e.path());
+                crate::volumes::remove_run_dir(&e.path());
             }
         }
         let mut states = HashMap::new();
@@ -174,7 +174,7 @@ impl Templates {
                 .hv
                 .build_template(&spec, &state)
                 .map_err(|e| e.to_string());
-            let _ = std::fs::remove_dir_all(&spec.run_dir);
+            crate::volumes::remove_run_dir(&spec.run_dir);
             r?;
             write_file(&dir.join("generation"), &self.inputs.generation)?;
             Ok(State::Ready { memory, state })

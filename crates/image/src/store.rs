@@ -614,7 +614,12 @@ impl ImageStore {
 
     /// Moves staged images into the store, all or nothing: on failure the
     /// files it created are removed and the state is as before.
-    fn commit(&self, st: &mut State, staged: &[StagedImage], lines: &mut Vec<String>) -> Result<()> {
+    fn commit(
+        &self,
+        st: &mut State,
+        staged: &[StagedImage],
+        lines: &mut Vec<String>,
+    ) -> Result<()> {
         let before = st.clone();
         let mut created = Vec::new();
         let result = self.commit_inner(st, staged, &mut created, lines);
@@ -751,7 +756,11 @@ impl ImageStore {
             digest_refs: Vec::new(),
             created: Some(now),
         };
-        self.commit(&mut self.write_state(), std::slice::from_ref(&staged), &mut Vec::new())?;
+        self.commit(
+            &mut self.write_state(),
+            std::slice::from_ref(&staged),
+            &mut Vec::new(),
+        )?;
         Ok(format!("sha256:{hex}"))
     }
 

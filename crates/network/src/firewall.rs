@@ -129,7 +129,10 @@ impl Firewall {
         let mut s = String::new();
         // Creating then deleting makes the delete valid whether or not the
         // table exists; the three steps are one transaction.
-        let _ = writeln!(s, "table inet {t} {{}}\ndelete table inet {t}\ntable inet {t} {{");
+        let _ = writeln!(
+            s,
+            "table inet {t} {{}}\ndelete table inet {t}\ntable inet {t} {{"
+        );
         let _ = writeln!(
             s,
             "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
@@ -252,14 +255,25 @@ mod tests {
             net("br-a", "10.1.0.0/16", Trust::Open, false),
             net("br-b", "10.2.0.0/16", Trust::Published, false),
             net("br-c", "10.3.0.0/16", Trust::Open, true),
+            net("br-d", "10.4.0.0/16", Trust::Outbound, false),
         ]);
-        assert!(s.contains("iifname \"br-a\" oifname { \"br-b\", \"br-c\" } drop"));
-        assert!(s.contains("iifname \"br-b\" oifname { \"br-a\", \"br-c\" } drop"));
+        assert!(s.contains("iifname \"br-a\" oifname { \"br-b\", \"br-c\", \"br-d\" } drop"));
+        assert!(s.contains("iifname \"br-b\" oifname { \"br-a\", \"br-c\", \"br-d\" } drop"));
         assert!(s.contains("ip saddr 10.1.0.0/16 oifname != \"br-a\" masquerade"));
-        assert!(!s.contains("ip saddr 10.2.0.0/16"), "published: nothing goes out");
+        assert!(
+            !s.contains("ip saddr 10.2.0.0/16"),
+            "published: nothing goes out"
+        );
         assert!(!s.contains("ip saddr 10.3.0.0/16"), "internal: no NAT");
-        assert!(s.contains(&format!("oifname \"br-b\" meta mark {PROXY_MARK:#x} accept")));
-        assert!(!s.contains(&format!("oifname \"br-c\" meta mark")) || s.contains("br-c"));
+        assert!(s.contains(&format!(
+            "oifname \"br-b\" meta mark {PROXY_MARK:#x} accept"
+        )));
+        assert!(
+            !s.contains("oifname \"br-d\" meta mark"),
+            "outbound: published ports are not let in"
+        );
+        assert!(s.contains("iifname \"br-d\" accept"), "outbound: out");
+        assert!(s.contains("oifname \"br-d\" drop"), "outbound: nothing in");
         assert!(s.starts_with("table inet vessel_t {}\ndelete table inet vessel_t\n"));
     }
 
@@ -304,7 +318,9 @@ mod host_tests {
             .expect("list");
         assert!(listed.contains("masquerade"), "{listed}");
         f.remove().expect("remove");
-        assert!(crate::run_tool("nft", &["list", "table", "inet", "vessel_unit_test"], None).is_err());
+        assert!(
+            crate::run_tool("nft", &["list", "table", "inet", "vessel_unit_test"], None).is_err()
+        );
         f.remove().expect("remove is idempotent");
     }
 }

@@ -189,14 +189,9 @@ pub fn next_address(
     let pool = range.unwrap_or(subnet);
     let start = u32::from(pool.network());
     let end = u32::from(pool.broadcast());
-    (start..=end)
-        .map(Ipv4Addr::from)
-        .find(|ip| {
-            *ip != subnet.network()
-                && *ip != subnet.broadcast()
-                && *ip != gateway
-                && !used.contains(ip)
-        })
+    (start..=end).map(Ipv4Addr::from).find(|ip| {
+        *ip != subnet.network() && *ip != subnet.broadcast() && *ip != gateway && !used.contains(ip)
+    })
 }
 
 /// A random locally administered unicast MAC address with Docker's

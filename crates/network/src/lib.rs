@@ -81,7 +81,10 @@ pub(crate) fn run_ip_batch(lines: &[String]) -> Result<(), NetError> {
 /// bridge.
 pub fn enable_forwarding() -> Result<(), NetError> {
     let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path).map(|s| s.trim() == "1").unwrap_or(false) {
+    if std::fs::read_to_string(path)
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     std::fs::write(path, "1").map_err(|e| NetError::Host(format!("write {path}: {e}")))

@@ -452,6 +452,10 @@ pub struct ProcessSpec {
     /// image's file.
     #[serde(default)]
     pub resolv_conf: Option<String>,
+    /// Volumes and bind mounts, handed over through the VM's shared
+    /// directory (9p). Empty: the agent never mounts the share.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
     /// Fresh random bytes (hex) the agent mixes into the guest's RNG and
     /// reseeds from: a VM restored from a template must not share the
     /// template's random state with its siblings.
@@ -461,6 +465,27 @@ pub struct ProcessSpec {
     /// spec; a restored VM's clock still shows the template's time.
     #[serde(default)]
     pub clock_unix_ns: u64,
+}
+
+/// One volume or bind mount of the container. The host has bind-mounted
+/// its source at `<share>/<share_dir>` of the shared directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MountSpec {
+    /// Name of the entry in the shared directory (a decimal index).
+    pub share_dir: String,
+    /// Absolute path in the container; created when missing.
+    pub target: String,
+    /// Mounted read-only (`:ro`, `readonly`).
+    #[serde(default)]
+    pub read_only: bool,
+    /// A volume that may be filled from the image: when the shared
+    /// directory is empty, the image's content at `target` is copied into
+    /// it (modes, owners, symlinks) before it is mounted.
+    #[serde(default)]
+    pub copy_up: bool,
+    /// The source is a single file, not a directory.
+    #[serde(default)]
+    pub file: bool,
 }
 
 /// An extra process in a running container (`docker exec`). It runs in the

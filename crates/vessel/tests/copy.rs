@@ -41,7 +41,12 @@ fn cp_into_and_out_of_a_running_container() {
     assert_eq!(out, "hello\nran\na.txt\n750 0\n644 0\n");
     // -a keeps the owner; a file to a new name.
     let file = host.path().join("d/a.txt");
-    d.ok(&["cp", "-a", file.to_str().expect("utf-8"), "box:/tmp/renamed"]);
+    d.ok(&[
+        "cp",
+        "-a",
+        file.to_str().expect("utf-8"),
+        "box:/tmp/renamed",
+    ]);
     assert_eq!(
         d.ok(&["exec", "box", "stat", "-c", "%u %n", "/tmp/renamed"]),
         "1234 /tmp/renamed\n"
@@ -72,7 +77,13 @@ fn cp_into_and_out_of_a_running_container() {
     let names: Vec<String> = archive
         .entries()
         .expect("tar")
-        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
         .collect();
     assert_eq!(names, vec!["a.txt"]);
 
@@ -87,9 +98,16 @@ fn cp_into_and_out_of_a_running_container() {
     let out = d.docker(&["cp", file.to_str().expect("utf-8"), "box:/etc/passwd/x"]);
     assert!(!out.status.success());
     let out = d.docker(&["cp", file.to_str().expect("utf-8"), "nosuch:/tmp"]);
-    assert!(stderr(&out).contains("No such container"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("No such container"),
+        "{}",
+        stderr(&out)
+    );
     // The copies did not disturb the container.
-    assert_eq!(d.ok(&["inspect", "-f", "{{.State.Running}}", "box"]), "true\n");
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.State.Running}}", "box"]),
+        "true\n"
+    );
 }
 
 #[test]
@@ -103,7 +121,15 @@ fn cp_works_on_containers_that_are_not_running() {
     d.ok(&["cp", file.to_str().expect("utf-8"), "made:/tmp/"]);
     assert_eq!(d.ok(&["start", "-a", "made"]), "hello\n");
     // Out of an exited container: what its process wrote.
-    d.ok(&["run", "--name", "done", "busybox", "sh", "-c", "echo result > /out"]);
+    d.ok(&[
+        "run",
+        "--name",
+        "done",
+        "busybox",
+        "sh",
+        "-c",
+        "echo result > /out",
+    ]);
     let back = tempfile::tempdir().expect("tempdir");
     let dst = back.path().join("out");
     d.ok(&["cp", "done:/out", dst.to_str().expect("utf-8")]);
@@ -166,10 +192,24 @@ fn diff_and_export_show_the_containers_filesystem() {
     }
     assert_eq!(new_file, "x\n");
     assert!(names.iter().any(|n| n == "bin/busybox"), "{names:?}");
-    assert!(!names.iter().any(|n| n == "etc/group"), "deleted file exported");
+    assert!(
+        !names.iter().any(|n| n == "etc/group"),
+        "deleted file exported"
+    );
     assert!(names.iter().any(|n| n.trim_end_matches('/') == "proc"));
-    assert!(!names.iter().any(|n| n.starts_with("proc/") || n.starts_with("sys/")));
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("proc/") || n.starts_with("sys/")));
     // A running container too.
-    d.ok(&["run", "-d", "--name", "live", "busybox", "sh", "-c", "touch /added; sleep 1000"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "live",
+        "busybox",
+        "sh",
+        "-c",
+        "touch /added; sleep 1000",
+    ]);
     assert!(common::eventually(20, || d.ok(&["diff", "live"]) == "A /added\n"));
 }

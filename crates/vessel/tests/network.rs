@@ -28,7 +28,10 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 }
 
 fn links() -> String {
-    let out = Command::new("ip").args(["-br", "link"]).output().expect("ip");
+    let out = Command::new("ip")
+        .args(["-br", "link"])
+        .output()
+        .expect("ip");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -71,14 +74,32 @@ impl Outside {
         ]);
         run(&["addr", "add", &format!("10.251.{n}.1/24"), "dev", &host_if]);
         run(&["link", "set", &host_if, "up"]);
-        run(&["-n", &ns, "addr", "add", &format!("10.251.{n}.2/24"), "dev", &peer_if]);
+        run(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.251.{n}.2/24"),
+            "dev",
+            &peer_if,
+        ]);
         run(&["-n", &ns, "link", "set", &peer_if, "up"]);
         run(&["-n", &ns, "link", "set", "lo", "up"]);
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("marker.txt"), "outside-ok\n").expect("marker");
         let addr = format!("10.251.{n}.2");
         let server = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3", "-m", "http.server", "9000", "--bind", &addr])
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "python3",
+                "-m",
+                "http.server",
+                "9000",
+                "--bind",
+                &addr,
+            ])
             .current_dir(dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -114,7 +135,9 @@ impl Drop for Outside {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
@@ -158,7 +181,11 @@ fn user_networks_give_addresses_names_ports_and_isolation() {
     assert!(stderr(&host).contains("not supported"), "{}", stderr(&host));
     let shared = d.docker(&["create", "--network", "container:x", "busybox", "true"]);
     assert!(!shared.status.success());
-    assert!(stderr(&shared).contains("not supported"), "{}", stderr(&shared));
+    assert!(
+        stderr(&shared).contains("not supported"),
+        "{}",
+        stderr(&shared)
+    );
 
     let n1 = d.ok(&["network", "create", "n1"]).trim().to_string();
     d.ok(&[
@@ -177,9 +204,19 @@ fn user_networks_give_addresses_names_ports_and_isolation() {
     let dup = d.docker(&["network", "create", "n1"]);
     assert!(stderr(&dup).contains("already exists"), "{}", stderr(&dup));
     let overlap = d.docker(&["network", "create", "--subnet", "10.201.0.0/16", "n3"]);
-    assert!(stderr(&overlap).contains("overlaps"), "{}", stderr(&overlap));
+    assert!(
+        stderr(&overlap).contains("overlaps"),
+        "{}",
+        stderr(&overlap)
+    );
     let bad_gw = d.docker(&[
-        "network", "create", "--subnet", "10.202.0.0/24", "--gateway", "10.9.9.9", "n3",
+        "network",
+        "create",
+        "--subnet",
+        "10.202.0.0/24",
+        "--gateway",
+        "10.9.9.9",
+        "n3",
     ]);
     assert!(!bad_gw.status.success());
     assert!(
@@ -195,14 +232,36 @@ fn user_networks_give_addresses_names_ports_and_isolation() {
     ]);
     assert_eq!(n2.trim(), "10.201.0.0/24 10.201.0.254 10.201.0.128/25 a");
     assert!(d
-        .ok(&["network", "ls", "--filter", "label=team=a", "--format", "{{.Name}}"])
+        .ok(&[
+            "network",
+            "ls",
+            "--filter",
+            "label=team=a",
+            "--format",
+            "{{.Name}}"
+        ])
         .trim()
         .eq("n2"));
 
     // A web server on n1 with an alias and a port published on loopback.
     d.ok(&[
-        "run", "-d", "--name", "web", "--network", "n1", "--network-alias", "site", "-p",
-        "127.0.0.1::80", "busybox", "httpd", "-f", "-p", "80", "-h", "/etc",
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "n1",
+        "--network-alias",
+        "site",
+        "-p",
+        "127.0.0.1::80",
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/etc",
     ]);
     wait_listening(&d, "web");
     let web_id = d.ok(&["inspect", "-f", "{{.Id}}", "web"]);
@@ -227,8 +286,21 @@ fn user_networks_give_addresses_names_ports_and_isolation() {
 
     // A second server on n2 with a fixed address.
     d.ok(&[
-        "run", "-d", "--name", "peer2", "--network", "n2", "--ip", "10.201.0.200", "busybox",
-        "httpd", "-f", "-p", "80", "-h", "/etc",
+        "run",
+        "-d",
+        "--name",
+        "peer2",
+        "--network",
+        "n2",
+        "--ip",
+        "10.201.0.200",
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/etc",
     ]);
     wait_listening(&d, "peer2");
     assert_eq!(ip_of(&d, "peer2", "n2"), "10.201.0.200");
@@ -253,16 +325,37 @@ fn user_networks_give_addresses_names_ports_and_isolation() {
     // range, its alias resolves there, and it reaches n2's members.
     d.ok(&["network", "connect", "--alias", "w2", "n2", "web"]);
     let web_n2 = ip_of(&d, "web", "n2");
-    let last: u8 = web_n2.rsplit('.').next().and_then(|x| x.parse().ok()).expect("ip");
+    let last: u8 = web_n2
+        .rsplit('.')
+        .next()
+        .and_then(|x| x.parse().ok())
+        .expect("ip");
     assert!(web_n2.starts_with("10.201.0.") && last >= 128, "{web_n2}");
-    assert!(fetches(&d, "web", "http://10.201.0.200/hostname", &peer2_id.trim()[..12]));
+    assert!(fetches(
+        &d,
+        "web",
+        "http://10.201.0.200/hostname",
+        &peer2_id.trim()[..12]
+    ));
     let ns = d.ok(&["exec", "peer2", "nslookup", "w2"]);
     assert!(ns.contains(&web_n2), "{ns}");
-    let members = d.ok(&["network", "inspect", "-f", "{{range .Containers}}{{.Name}} {{end}}", "n2"]);
-    assert!(members.contains("web") && members.contains("peer2"), "{members}");
+    let members = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .Containers}}{{.Name}} {{end}}",
+        "n2",
+    ]);
+    assert!(
+        members.contains("web") && members.contains("peer2"),
+        "{members}"
+    );
     d.ok(&["network", "disconnect", "n2", "web"]);
     assert!(!fetches(&d, "web", "http://10.201.0.200/hostname", "peer2"));
-    assert!(fetches(&d, "web", "http://site/hostname", short), "n1 still works");
+    assert!(
+        fetches(&d, "web", "http://site/hostname", short),
+        "n1 still works"
+    );
 
     // A network in use cannot go; a stopped container frees its port.
     let rm = d.docker(&["network", "rm", "n2"]);
@@ -275,7 +368,11 @@ fn user_networks_give_addresses_names_ports_and_isolation() {
     assert!(links().contains(&bridges[0]), "{}", links());
     d.ok(&["rm", "-f", "web", "peer2"]);
     d.ok(&["network", "rm", "n1", "n2"]);
-    assert!(!links().contains(&bridges[0]), "bridge left behind: {}", links());
+    assert!(
+        !links().contains(&bridges[0]),
+        "bridge left behind: {}",
+        links()
+    );
     let pruned = d.ok(&["network", "prune", "-f"]);
     assert!(pruned.trim().is_empty(), "{pruned}");
 }
@@ -295,8 +392,14 @@ fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
     ]);
     wait_listening(&d, "web");
     let all = d.ok(&["port", "web"]);
-    assert!(all.contains(&format!("80/tcp -> 127.0.0.1:{port}")), "{all}");
-    assert!(all.contains("8080/tcp -> 0.0.0.0:"), "-P publishes exposed ports: {all}");
+    assert!(
+        all.contains(&format!("80/tcp -> 127.0.0.1:{port}")),
+        "{all}"
+    );
+    assert!(
+        all.contains("8080/tcp -> 0.0.0.0:"),
+        "-P publishes exposed ports: {all}"
+    );
     let addr = format!("127.0.0.1:{port}");
     assert!(http_get(&addr, "/hostname").is_some());
 
@@ -308,7 +411,9 @@ fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
     );
     assert!(d.ok(&["port", "web", "80"]).contains(&addr));
 
-    let clash = d.docker(&["run", "-d", "--name", "clash", "-p", &spec, "busybox", "sleep", "100"]);
+    let clash = d.docker(&[
+        "run", "-d", "--name", "clash", "-p", &spec, "busybox", "sleep", "100",
+    ]);
     assert!(!clash.status.success());
     assert!(
         stderr(&clash).contains("port is already allocated"),
@@ -317,10 +422,35 @@ fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
     );
     let state = d.ok(&["inspect", "-f", "{{.State.Running}}", "clash"]);
     assert_eq!(state.trim(), "false");
-    assert!(http_get(&addr, "/hostname").is_some(), "the first container keeps its port");
-    let none = d.docker(&["run", "--rm", "--network", "none", "-p", "80", "busybox", "true"]);
-    assert!(stderr(&none).contains("conflicting options"), "{}", stderr(&none));
-    let out = d.ok(&["run", "--rm", "--network", "none", "busybox", "ip", "-4", "addr"]);
+    assert!(
+        http_get(&addr, "/hostname").is_some(),
+        "the first container keeps its port"
+    );
+    let none = d.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-p",
+        "80",
+        "busybox",
+        "true",
+    ]);
+    assert!(
+        stderr(&none).contains("conflicting options"),
+        "{}",
+        stderr(&none)
+    );
+    let out = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "busybox",
+        "ip",
+        "-4",
+        "addr",
+    ]);
     assert!(!out.contains("eth"), "--network none: loopback only: {out}");
 }
 
@@ -331,7 +461,13 @@ fn trust_levels_and_internal_networks_are_enforced() {
     let out = Outside::new();
     let outside = format!("http://{}:9000/marker.txt", out.addr);
     let trust = |name: &str, level: &str| {
-        d.ok(&["network", "create", "-o", &format!("com.vessel.network.trust={level}"), name]);
+        d.ok(&[
+            "network",
+            "create",
+            "-o",
+            &format!("com.vessel.network.trust={level}"),
+            name,
+        ]);
     };
     let server = |name: &str, net: &str, publish: bool| {
         let mut args = vec!["run", "-d", "--name", name, "--network", net];
@@ -342,7 +478,13 @@ fn trust_levels_and_internal_networks_are_enforced() {
         d.ok(&args);
         wait_listening(&d, name);
     };
-    let bad = d.docker(&["network", "create", "-o", "com.vessel.network.trust=wide", "x"]);
+    let bad = d.docker(&[
+        "network",
+        "create",
+        "-o",
+        "com.vessel.network.trust=wide",
+        "x",
+    ]);
     assert!(stderr(&bad).contains("closed, outbound, peers, published, open"));
 
     // Default (open): out through NAT, peers, host.
@@ -357,39 +499,65 @@ fn trust_levels_and_internal_networks_are_enforced() {
     d.ok(&["network", "create", "--internal", "inner"]);
     server("i1", "inner", false);
     server("i2", "inner", false);
-    assert!(!fetches(&d, "i1", &outside, "outside-ok"), "internal: no way out");
-    assert!(fetches(&d, "i1", "http://i2/hostname", ""), "internal: peers");
+    assert!(
+        !fetches(&d, "i1", &outside, "outside-ok"),
+        "internal: no way out"
+    );
+    assert!(
+        fetches(&d, "i1", "http://i2/hostname", ""),
+        "internal: peers"
+    );
 
     // outbound: out yes; peers and the host cannot connect in.
     trust("outb", "outbound");
     server("ob1", "outb", false);
     server("ob2", "outb", false);
     assert!(fetches(&d, "ob1", &outside, "outside-ok"), "outbound: out");
-    assert!(!fetches(&d, "ob1", &format!("http://{}/hostname", ip_of(&d, "ob2", "outb")), ""));
+    assert!(!fetches(
+        &d,
+        "ob1",
+        &format!("http://{}/hostname", ip_of(&d, "ob2", "outb")),
+        ""
+    ));
     assert!(http_get(&format!("{}:80", ip_of(&d, "ob2", "outb")), "/hostname").is_none());
 
     // peers: only each other.
     trust("peer", "peers");
     server("p1", "peer", false);
     server("p2", "peer", false);
-    assert!(fetches(&d, "p1", "http://p2/hostname", ""), "peers: each other");
-    assert!(!fetches(&d, "p1", &outside, "outside-ok"), "peers: no way out");
+    assert!(
+        fetches(&d, "p1", "http://p2/hostname", ""),
+        "peers: each other"
+    );
+    assert!(
+        !fetches(&d, "p1", &outside, "outside-ok"),
+        "peers: no way out"
+    );
     assert!(http_get(&format!("{}:80", ip_of(&d, "p2", "peer")), "/hostname").is_none());
 
     // published: only published ports, nothing out.
     trust("pub", "published");
     server("pb1", "pub", true);
     let hp = d.ok(&["port", "pb1", "80"]).trim().to_string();
-    assert!(http_get(&hp, "/hostname").is_some(), "published: the published port");
+    assert!(
+        http_get(&hp, "/hostname").is_some(),
+        "published: the published port"
+    );
     assert!(http_get(&format!("{}:80", ip_of(&d, "pb1", "pub")), "/hostname").is_none());
-    assert!(!fetches(&d, "pb1", &outside, "outside-ok"), "published: no way out");
+    assert!(
+        !fetches(&d, "pb1", &outside, "outside-ok"),
+        "published: no way out"
+    );
 
     // closed: nothing at all, but the network's DNS still answers.
     trust("shut", "closed");
     server("c1", "shut", true);
     server("c2", "shut", false);
     let hp = d.ok(&["port", "c1", "80"]).trim().to_string();
-    assert!(http_get(&hp, "/hostname").is_none(), "closed: not even published ports");
+    assert!(
+        http_get(&hp, "/hostname").is_none(),
+        "closed: not even published ports"
+    );
     assert!(!fetches(&d, "c1", &outside, "outside-ok"));
     assert!(!fetches(&d, "c1", "http://c2/hostname", ""));
     let ns = d.ok(&["exec", "c1", "nslookup", "c2"]);
@@ -430,7 +598,12 @@ services:
     assert!(d.ok(&["network", "ls"]).contains("vproj_default"));
     let web = d.ok(&["inspect", "-f", "{{.Id}}", "vproj_web_1"]);
     let code = d.ok(&["wait", "vproj_client_1"]);
-    assert_eq!(code.trim(), "0", "client: {}", d.ok(&["logs", "vproj_client_1"]));
+    assert_eq!(
+        code.trim(),
+        "0",
+        "client: {}",
+        d.ok(&["logs", "vproj_client_1"])
+    );
     let logs = d.ok(&["logs", "vproj_client_1"]);
     assert!(logs.contains(&web.trim()[..12]), "{logs}");
     let down = compose(&["down"]);

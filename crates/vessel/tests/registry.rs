@@ -113,7 +113,10 @@ fn push_pull_mirror_save_and_maintenance() {
     let by_digest = format!("{host}/team/bb@{digest}");
     d.ok(&["pull", &by_digest]);
     let out = d.ok(&["pull", "busybox"]);
-    assert!(out.contains("Downloaded newer image for busybox:latest"), "{out}");
+    assert!(
+        out.contains("Downloaded newer image for busybox:latest"),
+        "{out}"
+    );
     assert_eq!(
         d.ok(&["run", "--rm", "busybox", "echo", "pulled"]),
         "pulled\n"

@@ -145,9 +145,20 @@ fn warm_vms_take_first_starts_with_their_own_identity() {
     wait_for_warm(&d, 1);
     let probe = "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
                  date +%s; hostname; echo $$-$RANDOM > /tmp/mine; ls /tmp; cat /etc/machine-id";
-    let a = d.ok(&["run", "--rm", "--name", "warm-a", "busybox", "sh", "-c", probe]);
+    let a = d.ok(&[
+        "run", "--rm", "--name", "warm-a", "busybox", "sh", "-c", probe,
+    ]);
     wait_for_warm(&d, 2);
-    let b = d.ok(&["run", "--rm", "--hostname", "bee", "busybox", "sh", "-c", probe]);
+    let b = d.ok(&[
+        "run",
+        "--rm",
+        "--hostname",
+        "bee",
+        "busybox",
+        "sh",
+        "-c",
+        probe,
+    ]);
     let log = d.log();
     assert_eq!(log.matches("boot=\"warm\"").count(), 2, "{log}");
     let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
@@ -160,7 +171,10 @@ fn warm_vms_take_first_starts_with_their_own_identity() {
     for vm in [&a, &b] {
         let t: u64 = vm[2].parse().expect("date");
         assert!(t.abs_diff(now) < 30, "warm VM clock is off: {t} vs {now}");
-        assert_eq!(vm[4], "mine", "another container's files are visible: {vm:?}");
+        assert_eq!(
+            vm[4], "mine",
+            "another container's files are visible: {vm:?}"
+        );
     }
     assert_eq!(a[3].len(), 12, "hostname is the container id: {a:?}");
     assert_eq!(b[3], "bee");
@@ -177,7 +191,10 @@ fn warm_vms_take_first_starts_with_their_own_identity() {
     // A second start keeps the container's own disk: no warm VM for it.
     wait_for_warm(&d, 4);
     let script = "if [ -f /seen ]; then echo again; else touch /seen; echo first; fi";
-    assert_eq!(d.ok(&["run", "--name", "twice", "busybox", "sh", "-c", script]), "first\n");
+    assert_eq!(
+        d.ok(&["run", "--name", "twice", "busybox", "sh", "-c", script]),
+        "first\n"
+    );
     assert_eq!(d.ok(&["start", "-a", "twice"]), "again\n");
     let log = d.log();
     assert_eq!(log.matches("boot=\"warm\"").count(), 4, "{log}");

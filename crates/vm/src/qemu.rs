@@ -19,6 +19,8 @@ pub const QMP_SOCKET: &str = "qmp.sock";
 pub const PID_FILE: &str = "qemu.pid";
 /// Directory shared with the guest over 9p ([`crate::SHARE_TAG`]): the
 /// daemon bind-mounts a container's volumes and bind mounts under it.
+/// They may live on several host filesystems, so QEMU remaps inode numbers
+/// (`multidevs=remap`) to keep them unique in the guest.
 pub const SHARE_DIR: &str = "share";
 /// The guest's serial console.
 pub const CONSOLE_LOG: &str = "console.log";
@@ -180,11 +182,14 @@ impl Qemu {
         push(&[
             "-fsdev",
             &format!(
-                "local,id=share,path={},security_model=passthrough",
+                "local,id=share,path={},security_model=passthrough,multidevs=remap",
                 run(SHARE_DIR)
             ),
             "-device",
-            &format!("virtio-9p-device,fsdev=share,mount_tag={}", crate::SHARE_TAG),
+            &format!(
+                "virtio-9p-device,fsdev=share,mount_tag={}",
+                crate::SHARE_TAG
+            ),
         ]);
         push(&[
             "-object",

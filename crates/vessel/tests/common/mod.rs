@@ -261,6 +261,25 @@ impl Drop for Daemon {
             .arg(self.data_root())
             .status();
         std::thread::sleep(Duration::from_millis(200));
+        // Share mounts of VMs that were killed with the daemon: detach them,
+        // so that removing the temporary directory never walks into a
+        // bind-mounted host directory.
+        let root = self.data_root();
+        let mut points: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in points {
+            if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+                // SAFETY: a valid NUL-terminated path and a valid flag.
+                unsafe {
+                    libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+        }
         self.remove_host_networking();
     }
 }
