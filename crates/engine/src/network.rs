@@ -1419,6 +1419,9 @@ impl crate::Engine {
     /// containers: one per bridge network on its gateway, answering the
     /// names of the containers on user-defined networks.
     pub(crate) async fn refresh_dns(&self) {
+        // The state is read under the lock: a refresh that read it earlier
+        // must not overwrite a newer one's tables.
+        let mut dns = self.inner.net_services.dns.lock().await;
         let recs: Vec<ContainerRecord> = self.handles().iter().map(|h| h.rec()).collect();
         let nets: Vec<NetworkRecord> = self
             .nets()
@@ -1426,7 +1429,6 @@ impl crate::Engine {
             .into_iter()
             .filter(|n| n.is_bridge())
             .collect();
-        let mut dns = self.inner.net_services.dns.lock().await;
         dns.retain(|id, _| nets.iter().any(|n| &n.id == id));
         for n in &nets {
             let mut names: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
