@@ -951,7 +951,51 @@ async fn container_inspect(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(s.engine.inspect(&id)?).into_response())
+    let mut v = serde_json::to_value(s.engine.inspect(&id)?)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    legacy_network_fields(&mut v);
+    Ok(axum::Json(v).into_response())
+}
+
+/// API 1.50 still carries the default bridge's endpoint at the top of
+/// `NetworkSettings` (`IPAddress`, `Gateway`, …; deprecated, but scripts
+/// use `{{.NetworkSettings.IPAddress}}`). bollard's model no longer has
+/// these fields, so they are added to the JSON.
+fn legacy_network_fields(v: &mut serde_json::Value) {
+    let Some(ns) = v.get_mut("NetworkSettings").and_then(|n| n.as_object_mut()) else {
+        return;
+    };
+    let bridge = ns
+        .get("Networks")
+        .and_then(|n| n.get("bridge"))
+        .cloned()
+        .unwrap_or_default();
+    let text = |k: &str| bridge.get(k).cloned().unwrap_or_else(|| "".into());
+    for (field, from) in [
+        ("EndpointID", "EndpointID"),
+        ("Gateway", "Gateway"),
+        ("IPAddress", "IPAddress"),
+        ("MacAddress", "MacAddress"),
+        ("IPv6Gateway", "IPv6Gateway"),
+        ("GlobalIPv6Address", "GlobalIPv6Address"),
+    ] {
+        ns.insert(field.into(), text(from));
+    }
+    for (field, from) in [
+        ("IPPrefixLen", "IPPrefixLen"),
+        ("GlobalIPv6PrefixLen", "GlobalIPv6PrefixLen"),
+    ] {
+        ns.insert(
+            field.into(),
+            bridge.get(from).cloned().unwrap_or_else(|| 0.into()),
+        );
+    }
+    ns.insert("Bridge".into(), "".into());
+    ns.insert("HairpinMode".into(), false.into());
+    ns.insert("LinkLocalIPv6Address".into(), "".into());
+    ns.insert("LinkLocalIPv6PrefixLen".into(), 0.into());
+    ns.insert("SecondaryIPAddresses".into(), serde_json::Value::Null);
+    ns.insert("SecondaryIPv6Addresses".into(), serde_json::Value::Null);
 }
 
 async fn container_start(

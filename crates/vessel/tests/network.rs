@@ -611,3 +611,105 @@ services:
     assert!(d.ok(&["ps", "-aq"]).trim().is_empty());
     assert!(!d.ok(&["network", "ls"]).contains("vproj_default"));
 }
+
+#[test]
+fn run_flags_shape_the_guest_network() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&["network", "create", "--subnet", "10.211.0.0/24", "na"]);
+    d.ok(&["network", "create", "nb"]);
+    d.ok(&["network", "create", "--subnet", "10.213.0.0/24", "nc"]);
+    d.ok(&["network", "create", "nd"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "mm",
+        "--network",
+        "na",
+        "--network",
+        "nb",
+        "--ip",
+        "10.211.0.9",
+        "--mac-address",
+        "02:42:ac:11:00:99",
+        "--dns",
+        "10.9.9.9",
+        "--dns-search",
+        "example.test",
+        "--dns-option",
+        "ndots:2",
+        "--add-host",
+        "db.local:10.1.2.3",
+        "busybox",
+        "sleep",
+        "1000",
+    ]);
+    let resolv = d.ok(&["exec", "mm", "cat", "/etc/resolv.conf"]);
+    for want in [
+        "nameserver 10.211.0.1",
+        "nameserver 10.9.9.9",
+        "search example.test",
+        "options ndots:2",
+    ] {
+        assert!(resolv.contains(want), "{want}: {resolv}");
+    }
+    let hosts = d.ok(&["exec", "mm", "cat", "/etc/hosts"]);
+    assert!(hosts.contains("10.1.2.3\tdb.local"), "{hosts}");
+    assert!(hosts.contains("10.211.0.9\t"), "own address: {hosts}");
+    let addrs = d.ok(&["exec", "mm", "ip", "-4", "-o", "addr"]);
+    assert!(
+        addrs.contains("eth0") && addrs.contains("10.211.0.9/24"),
+        "{addrs}"
+    );
+    let nb_ip = ip_of(&d, "mm", "nb");
+    assert!(
+        addrs.contains(&format!("eth1    inet {nb_ip}/")) || addrs.contains(&nb_ip),
+        "{addrs}"
+    );
+    let link = d.ok(&["exec", "mm", "ip", "link", "show", "eth0"]);
+    assert!(link.contains("02:42:ac:11:00:99"), "{link}");
+    let mac = d.ok(&[
+        "inspect",
+        "-f",
+        "{{(index .NetworkSettings.Networks \"na\").MacAddress}}",
+        "mm",
+    ]);
+    assert_eq!(mac.trim(), "02:42:ac:11:00:99");
+    let route = d.ok(&["exec", "mm", "ip", "route"]);
+    assert!(route.contains("default via 10.211.0.1 dev eth0"), "{route}");
+
+    // A third network with a chosen address; a fourth does not fit.
+    d.ok(&["network", "connect", "--ip", "10.213.0.50", "nc", "mm"]);
+    let addrs = d.ok(&["exec", "mm", "ip", "-4", "-o", "addr"]);
+    assert!(addrs.contains("10.213.0.50/24"), "{addrs}");
+    let full = d.docker(&["network", "connect", "nd", "mm"]);
+    assert!(!full.status.success());
+    assert!(
+        stderr(&full).contains("at most 3 networks"),
+        "{}",
+        stderr(&full)
+    );
+    let taken = d.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "na",
+        "--ip",
+        "10.211.0.9",
+        "busybox",
+        "true",
+    ]);
+    assert!(
+        stderr(&taken).contains("already in use"),
+        "{}",
+        stderr(&taken)
+    );
+
+    // The default bridge's endpoint also shows at the top of
+    // NetworkSettings, as scripts expect.
+    d.ok(&["run", "-d", "--name", "bb", "busybox", "sleep", "1000"]);
+    let ip = d.ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "bb"]);
+    assert_eq!(ip.trim(), ip_of(&d, "bb", "bridge"));
+    assert!(!ip.trim().is_empty());
+}
