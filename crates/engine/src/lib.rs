@@ -1030,6 +1030,11 @@ impl Engine {
             None,
         )?;
         let config = merge_config(&body, &image.config, &image_name);
+        if !network::port_requests(&config, &host_config)?.is_empty() && endpoints.is_empty() {
+            return Err(EngineError::InvalidParameter(
+                "conflicting options: port publishing and the container type network mode".into(),
+            ));
+        }
         let mut argv = config.entrypoint.clone().unwrap_or_default();
         argv.extend(config.cmd.clone().unwrap_or_default());
         if argv.is_empty() {

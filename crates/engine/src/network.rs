@@ -1215,13 +1215,21 @@ impl crate::Engine {
     }
 }
 
-/// The ports a container asks to publish: `(container port, protocol,
-/// host address, host port or 0 for any)`, from `-p` and, with `-P`, every
-/// exposed port. Checked at create.
+/// One port a container asks to publish.
+pub(crate) struct PortRequest {
+    port: u16,
+    proto: Proto,
+    host_ip: String,
+    /// First and last host port to try (0, 0: any free port).
+    host_ports: (u16, u16),
+}
+
+/// The ports a container asks to publish, from `-p` and, with `-P`, every
+/// exposed port. Checked at create, used at start.
 pub(crate) fn port_requests(
     rec_config: &bollard_stubs::models::ContainerConfig,
     hc: &bollard_stubs::models::HostConfig,
-) -> Result<Vec<(u16, Proto, String, u16)>, EngineError> {
+) -> Result<Vec<PortRequest>, EngineError> {
     fn key(k: &str) -> Result<(u16, Proto), EngineError> {
         let (p, proto) = k.split_once('/').unwrap_or((k, "tcp"));
         let port: u16 = p.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
@@ -1247,24 +1255,36 @@ pub(crate) fn port_requests(
                 EngineError::InvalidParameter(format!("invalid host IP address: {host_ip}"))
             })?;
             let hp = b.host_port.clone().unwrap_or_default();
-            let host_port: u16 =
-                if hp.is_empty() {
-                    0
-                } else {
-                    // A range ("8000-8010") takes its first port that is free;
-                    // the first one is tried here, the rest at start.
-                    hp.split('-').next().unwrap_or("").parse().map_err(|_| {
-                        EngineError::InvalidParameter(format!("invalid hostPort: {hp}"))
-                    })?
-                };
-            out.push((port, proto, host_ip, host_port));
+            let bad = || EngineError::InvalidParameter(format!("invalid hostPort: {hp}"));
+            let host_ports = if hp.is_empty() {
+                (0, 0)
+            } else {
+                let (a, b) = hp.split_once('-').unwrap_or((&hp, &hp));
+                let a: u16 = a.parse().map_err(|_| bad())?;
+                let b: u16 = b.parse().map_err(|_| bad())?;
+                if b < a {
+                    return Err(bad());
+                }
+                (a, b)
+            };
+            out.push(PortRequest {
+                port,
+                proto,
+                host_ip,
+                host_ports,
+            });
         }
     }
     if hc.publish_all_ports == Some(true) {
         for k in rec_config.exposed_ports.iter().flatten() {
             let (port, proto) = key(k)?;
-            if !out.iter().any(|(p, pr, _, _)| *p == port && *pr == proto) {
-                out.push((port, proto, "0.0.0.0".into(), 0));
+            if !out.iter().any(|r| r.port == port && r.proto == proto) {
+                out.push(PortRequest {
+                    port,
+                    proto,
+                    host_ip: "0.0.0.0".into(),
+                    host_ports: (0, 0),
+                });
             }
         }
     }
@@ -1314,40 +1334,58 @@ impl crate::Engine {
             })?;
         let mut proxies = vec![];
         let mut published = vec![];
-        for (port, proto, host_ip, host_port) in wanted {
+        for req in wanted {
+            let PortRequest {
+                port,
+                proto,
+                host_ip,
+                host_ports: (first, last),
+            } = req;
             let ip: std::net::IpAddr = host_ip.parse().map_err(|_| {
                 EngineError::InvalidParameter(format!("invalid host IP address: {host_ip}"))
             })?;
-            let listen = std::net::SocketAddr::new(ip, host_port);
             let target = std::net::SocketAddr::new(std::net::IpAddr::V4(target_ip), port);
-            match PortProxy::start(
-                proto,
-                listen,
-                target,
-                Some(vessel_network::firewall::PROXY_MARK),
-            )
-            .await
-            {
-                Ok(p) => {
-                    published.push(crate::record::PublishedPort {
-                        port,
-                        proto: proto.as_str().into(),
-                        host_ip: host_ip.clone(),
-                        host_port: p.local_addr().port(),
-                    });
-                    proxies.push(p);
+            let mut last_err = None;
+            // A range takes its first free port.
+            for host_port in first..=last {
+                let listen = std::net::SocketAddr::new(ip, host_port);
+                match PortProxy::start(
+                    proto,
+                    listen,
+                    target,
+                    Some(vessel_network::firewall::PROXY_MARK),
+                )
+                .await
+                {
+                    Ok(p) => {
+                        published.push(crate::record::PublishedPort {
+                            port,
+                            proto: proto.as_str().into(),
+                            host_ip: host_ip.clone(),
+                            host_port: p.local_addr().port(),
+                        });
+                        proxies.push(p);
+                        last_err = None;
+                        break;
+                    }
+                    Err(e) => last_err = Some(e),
                 }
-                Err(e) => {
-                    let why = if e.kind() == std::io::ErrorKind::AddrInUse {
-                        "port is already allocated".to_string()
-                    } else {
-                        e.to_string()
-                    };
-                    return Err(EngineError::Internal(format!(
-                        "driver failed programming external connectivity on endpoint {} ({}): Bind for {host_ip}:{host_port} failed: {why}",
-                        rec.name, rec.id
-                    )));
-                }
+            }
+            if let Some(e) = last_err {
+                let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    "port is already allocated".to_string()
+                } else {
+                    e.to_string()
+                };
+                let ports = if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}-{last}")
+                };
+                return Err(EngineError::Internal(format!(
+                    "driver failed programming external connectivity on endpoint {} ({}): Bind for {host_ip}:{ports} failed: {why}",
+                    rec.name, rec.id
+                )));
             }
         }
         let rec = h.update(|r| r.published = published);

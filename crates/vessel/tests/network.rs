@@ -423,8 +423,9 @@ fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
     let state = d.ok(&["inspect", "-f", "{{.State.Running}}", "clash"]);
     assert_eq!(state.trim(), "false");
     assert!(
-        http_get(&addr, "/hostname").is_some(),
-        "the first container keeps its port"
+        common::eventually(10, || http_get(&addr, "/hostname").is_some()),
+        "the first container keeps its port: {}",
+        d.log()
     );
     let none = d.docker(&[
         "run",
@@ -561,7 +562,18 @@ fn trust_levels_and_internal_networks_are_enforced() {
     assert!(!fetches(&d, "c1", &outside, "outside-ok"));
     assert!(!fetches(&d, "c1", "http://c2/hostname", ""));
     let ns = d.ok(&["exec", "c1", "nslookup", "c2"]);
-    assert!(ns.contains(&ip_of(&d, "c2", "shut")), "{ns}");
+    assert!(
+        ns.contains(&ip_of(&d, "c2", "shut")),
+        "{ns}\n{}\n{}",
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-br", "addr"])
+                .output()
+                .expect("ip")
+                .stdout
+        ),
+        d.log()
+    );
 }
 
 #[test]
