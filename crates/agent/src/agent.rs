@@ -160,8 +160,14 @@ impl Agent {
             HostMsg::CopyStat { copy_id, path } => self.copy_stat(copy_id, &path),
             HostMsg::CopyOut {
                 copy_id,
+                layer: true,
+                ..
+            } => self.layer_out(copy_id),
+            HostMsg::CopyOut {
+                copy_id,
                 path,
                 export,
+                layer: false,
             } => self.copy_out(copy_id, path, export),
             HostMsg::Diff { copy_id } => {
                 let has_root = self.state().rootfs.is_some();
@@ -308,6 +314,25 @@ impl Agent {
                     e if e.is_empty() => Ok(()),
                     e => Err(std::io::Error::other(e)),
                 }
+            })();
+            agent.copy_done(copy_id, result, false);
+        });
+    }
+
+    /// `docker commit`: streams the container's changes as a layer tar.
+    fn layer_out(self: &Arc<Self>, copy_id: u32) {
+        let agent = self.clone();
+        std::thread::spawn(move || {
+            let result = (|| -> std::io::Result<()> {
+                let root = agent.copy_root()?;
+                let stat = crate::copy::stat(&root, "/")?;
+                agent.writer.send(&GuestMsg::CopyStat { copy_id, stat });
+                let out = CopyWriter {
+                    agent: &agent,
+                    copy_id,
+                    open: AtomicBool::new(false),
+                };
+                crate::diff::write_layer(true, std::io::BufWriter::with_capacity(64 * 1024, out))
             })();
             agent.copy_done(copy_id, result, false);
         });
@@ -876,6 +901,28 @@ fn check_exec_cwd(root: &Path, cwd: &str) -> Result<(), StartError> {
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Err(fail("not a directory")),
         Err(e) => Err(fail(&e.to_string())),
+    }
+}
+
+/// Sends what is written to it as a copy's data frames.
+struct CopyWriter<'a> {
+    agent: &'a Agent,
+    copy_id: u32,
+    open: AtomicBool,
+}
+
+impl std::io::Write for CopyWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.agent.writer.send_exec(
+            vessel_protocol::FrameKind::ExecStdout,
+            self.copy_id,
+            buf,
+            &self.open,
+        )?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use crate::rootfs::{LOWER, UPPERFS};
 
 /// Paths the agent writes or mounts in every container.
-const AGENT_PATHS: [&str; 8] = [
+const AGENT_PATHS: [&str; 7] = [
     "/etc/hostname",
     "/etc/hosts",
-    "/etc/resolv.conf",
     "/etc/resolv.conf",
     "/etc/machine-id",
     "/proc",
@@ -96,4 +95,81 @@ fn has_own_child(upper: &Path, dir: &str) -> bool {
         );
         !AGENT_PATHS.contains(&p.as_str())
     })
+}
+
+/// `docker commit`: the container's changes as an image layer, a tar in
+/// Docker's layer format written to `out`: the upper directory's entries
+/// with their owners, modes and times, an overlay whiteout (character
+/// device 0:0) as an empty `.wh.<name>` file, and an opaque directory
+/// (`trusted.overlay.opaque=y`) with a `.wh..wh..opq` entry in it. The
+/// agent's own files are left out, as for `docker diff`. Symlinks are
+/// stored as links, never followed.
+pub fn write_layer(mounted: bool, out: impl io::Write) -> io::Result<()> {
+    if !mounted {
+        return Err(io::Error::other(
+            "the container's root filesystem is not mounted",
+        ));
+    }
+    let upper = PathBuf::from(UPPERFS).join("upper");
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    layer_walk(&mut tar, &upper, Path::new(""))?;
+    tar.into_inner()?.flush()
+}
+
+fn layer_walk<W: io::Write>(tar: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = rel.join(e.file_name());
+        if AGENT_PATHS.contains(&format!("/{}", path.to_string_lossy()).as_str()) {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(e.path())?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            let name = format!(".wh.{}", e.file_name().to_string_lossy());
+            empty_file(tar, &rel.join(name), &meta)?;
+            continue;
+        }
+        tar.append_path_with_name(e.path(), &path)?;
+        if ft.is_dir() {
+            if is_opaque(&e.path()) {
+                empty_file(tar, &path.join(".wh..wh..opq"), &meta)?;
+            }
+            layer_walk(tar, &e.path(), &path)?;
+        }
+    }
+    Ok(())
+}
+
+fn empty_file<W: io::Write>(
+    tar: &mut tar::Builder<W>,
+    path: &Path,
+    meta: &std::fs::Metadata,
+) -> io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_mtime(meta.mtime().max(0) as u64);
+    tar.append_data(&mut h, path, io::empty())
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut buf = [0u8; 4];
+    // SAFETY: lgetxattr(2) with a valid NUL-terminated path and name and a
+    // buffer of the length given; it writes at most that many bytes.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n == 1 && buf[0] == b'y'
 }

@@ -145,6 +145,7 @@ pub fn service(engine: Engine) -> Router {
     let routes = Router::new()
         .merge(networks::routes())
         .route("/_ping", get(ping).head(ping))
+        .route("/commit", post(commit))
         .route("/version", get(version))
         .route("/info", get(info))
         .route("/auth", post(auth))
@@ -881,6 +882,54 @@ async fn archive_put(
     }
     result?;
     Ok(StatusCode::OK)
+}
+
+/// `POST /commit` (`docker commit`).
+async fn commit(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let container = q
+        .get("container")
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ApiError::bad("container is required"))?
+        .to_string();
+    let reference = match (q.get("repo").filter(|r| !r.is_empty()), q.get("tag")) {
+        (Some(repo), Some(tag)) if !tag.is_empty() => Some(format!("{repo}:{tag}")),
+        (Some(repo), _) => Some(repo.to_string()),
+        (None, Some(tag)) if !tag.is_empty() => {
+            return Err(ApiError::bad("tag is given without a repository"))
+        }
+        _ => None,
+    };
+    let bytes = axum::body::to_bytes(req.into_body(), 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::bad(format!("reading request body: {e}")))?;
+    let config = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))?;
+        Some(v)
+    };
+    let opts = vessel_engine::CommitOptions {
+        reference: reference.clone(),
+        comment: q.get("comment").unwrap_or("").to_string(),
+        author: q.get("author").unwrap_or("").to_string(),
+        changes: q
+            .all("changes")
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .collect(),
+        config,
+    };
+    let id = s.engine.commit(&container, opts).await?;
+    if let Some(r) = &reference {
+        image_event(&s.engine, "tag", r);
+    }
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "Id": id })),
+    )
+        .into_response())
 }
 
 async fn container_export(

@@ -19,7 +19,7 @@ use tracing::warn;
 use vessel_protocol::{GuestMsg, HostMsg, PathStat};
 use vessel_vm::channel::{AgentReader, AgentWriter, Incoming};
 
-use crate::{Engine, EngineError, Handle};
+use crate::{blocking, internal, Engine, EngineError, Handle};
 
 /// What the agent says about one copy.
 #[derive(Debug)]
@@ -252,12 +252,17 @@ impl Engine {
         name_or_id: &str,
         path: &str,
     ) -> Result<ArchiveStream, EngineError> {
-        self.archive_out(name_or_id, path, false).await
+        self.archive_out(name_or_id, path, false, false).await
     }
 
     /// `GET /containers/{id}/export`: the container's whole filesystem.
     pub async fn export(&self, name_or_id: &str) -> Result<ArchiveStream, EngineError> {
-        self.archive_out(name_or_id, "/", true).await
+        self.archive_out(name_or_id, "/", true, false).await
+    }
+
+    /// `docker commit`: the container's changes as an image layer tar.
+    pub async fn layer(&self, name_or_id: &str) -> Result<ArchiveStream, EngineError> {
+        self.archive_out(name_or_id, "/", false, true).await
     }
 
     /// `GET /containers/{id}/changes` (`docker diff`): (kind, path), kind 0
@@ -284,6 +289,7 @@ impl Engine {
         name_or_id: &str,
         path: &str,
         export: bool,
+        layer: bool,
     ) -> Result<ArchiveStream, EngineError> {
         let cid = self.lookup(name_or_id)?.id.clone();
         let mut s = self.copy_session(name_or_id).await?;
@@ -293,6 +299,7 @@ impl Engine {
                 copy_id: s.id,
                 path: path.to_string(),
                 export,
+                layer,
             })
             .await
         {
@@ -438,5 +445,90 @@ fn copy_error(
         EngineError::InvalidParameter("extraction point is not a directory".into())
     } else {
         EngineError::Internal(error.unwrap_or_else(|| "copy failed".into()))
+    }
+}
+
+/// What `docker commit` asks for.
+#[derive(Debug, Default, Clone)]
+pub struct CommitOptions {
+    /// `repo[:tag]` to tag the new image with.
+    pub reference: Option<String>,
+    /// `-m`.
+    pub comment: String,
+    /// `-a`.
+    pub author: String,
+    /// `-c`: Dockerfile instructions applied to the config.
+    pub changes: Vec<String>,
+    /// Config fields the request sets (the body), over the container's.
+    pub config: Option<serde_json::Value>,
+}
+
+impl Engine {
+    /// `POST /commit`: a new image from the container's image and its
+    /// changes. A running container keeps running (its VM is not paused:
+    /// the agent inside it writes the layer).
+    pub async fn commit(
+        &self,
+        name_or_id: &str,
+        opts: CommitOptions,
+    ) -> Result<String, EngineError> {
+        let rec = self.lookup(name_or_id)?.rec();
+        let mut layer = self.layer(name_or_id).await?;
+        let tmp = self.inner.cfg.data_root.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| internal("create tmp", e))?;
+        let path = tmp.join(format!("commit-{}.tar", &rec.id[..12]));
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| internal(&format!("create {}", path.display()), e))?;
+        let written = async {
+            use tokio::io::AsyncWriteExt;
+            while let Some(chunk) = layer.data.recv().await {
+                let chunk = chunk.map_err(EngineError::Internal)?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| internal("write layer", e))?;
+            }
+            file.flush().await.map_err(|e| internal("write layer", e))
+        }
+        .await;
+        drop(file);
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let mut config =
+            serde_json::to_value(&rec.config).map_err(|e| internal("container config", e))?;
+        if let (Some(serde_json::Value::Object(over)), Some(base)) =
+            (opts.config.clone(), config.as_object_mut())
+        {
+            for (k, v) in over {
+                if !v.is_null() {
+                    base.insert(k, v);
+                }
+            }
+        }
+        let images = self.inner.images.clone();
+        let (image_id, cid, p) = (rec.image_id.clone(), rec.id.clone(), path.clone());
+        let made = blocking(move || {
+            let f = std::fs::File::open(&p).map_err(|source| vessel_image::Error::Io {
+                context: format!("open {}", p.display()),
+                source,
+            })?;
+            images.commit_container(
+                &image_id,
+                f,
+                opts.reference.as_deref(),
+                config,
+                &opts.changes,
+                &opts.comment,
+                &opts.author,
+                &cid,
+            )
+        })
+        .await;
+        let _ = std::fs::remove_file(&path);
+        let id = made??;
+        self.container_event(&rec, "commit", &[]);
+        Ok(id)
     }
 }

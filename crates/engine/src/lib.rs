@@ -44,7 +44,7 @@ use vessel_vm::channel::{connect, AgentReader, AgentWriter, Incoming, Transport}
 use vessel_vm::{Accel, Boot, Hypervisor, ProbeResult, Qemu, VmSpec};
 
 pub use bollard_stubs::models::EventMessageTypeEnum as EventType;
-pub use copy::ArchiveStream;
+pub use copy::{ArchiveStream, CommitOptions};
 pub use events::Events;
 pub use exec::{ExecHandle, ExecState};
 pub use logs::LogEntry;

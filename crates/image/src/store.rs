@@ -764,6 +764,134 @@ impl ImageStore {
         Ok(format!("sha256:{hex}"))
     }
 
+    /// `docker commit`: a new image made of `base`'s layers and one more
+    /// (`layer`, a plain tar of the container's changes in Docker's layer
+    /// format), with `config` (the container's config, Docker's image
+    /// `config` object) changed by `changes` (Dockerfile instructions).
+    /// Tagged `reference` when given. Returns the image id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit_container(
+        &self,
+        base: &str,
+        layer: impl Read,
+        reference: Option<&str>,
+        config: Value,
+        changes: &[String],
+        comment: &str,
+        author: &str,
+        container_id: &str,
+    ) -> Result<String> {
+        let tag = match reference {
+            Some(r) if !r.is_empty() => {
+                let r = Reference::parse(r)?;
+                if r.digest.is_some() {
+                    return Err(Error::InvalidReference(
+                        "refusing to create a tag with a digest reference".into(),
+                    ));
+                }
+                Some(r.with_default_tag())
+            }
+            _ => None,
+        };
+        let mut cc = match config {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        crate::changes::apply_changes(&mut cc, changes)?;
+        let (base_hex, base_meta, base_raw) = {
+            let st = self.read_state();
+            let (hex, _) = Self::lookup(&st, base)?;
+            let meta = st
+                .images
+                .get(&hex)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(base.to_string()))?;
+            let raw = self.image(&st, &hex)?.raw_config;
+            (hex, meta, raw)
+        };
+        let staging = self.staging("commit")?;
+        let new_layer = staging.0.join("layer.tar");
+        let (diff, size, _) = Self::stage_layer_into(layer, &new_layer)?;
+        let now = now_rfc3339();
+        let mut diff_ids: Vec<Value> = base_meta
+            .layers
+            .iter()
+            .map(|d| Value::String(format!("sha256:{d}")))
+            .collect();
+        diff_ids.push(Value::String(format!("sha256:{diff}")));
+        let mut history = base_raw
+            .get("history")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut entry = Map::new();
+        entry.insert("created".into(), now.clone().into());
+        if !author.is_empty() {
+            entry.insert("author".into(), author.into());
+        }
+        if !comment.is_empty() {
+            entry.insert("comment".into(), comment.into());
+        }
+        history.push(Value::Object(entry));
+        let mut image = serde_json::json!({
+            "architecture": base_raw.get("architecture").cloned().unwrap_or("amd64".into()),
+            "os": base_raw.get("os").cloned().unwrap_or("linux".into()),
+            "created": now,
+            "container": container_id,
+            "config": Value::Object(cc),
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+            "history": history,
+        });
+        if let Some(obj) = image.as_object_mut() {
+            if !author.is_empty() {
+                obj.insert("author".into(), author.into());
+            }
+            if !comment.is_empty() {
+                obj.insert("comment".into(), comment.into());
+            }
+        }
+        let bytes = serde_json::to_vec(&image).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let hex = hex::encode(Sha256::digest(&bytes));
+        let mut layers: Vec<LayerEntry> = Vec::new();
+        for (i, d) in base_meta.layers.iter().enumerate() {
+            let path = self.layer_path(d);
+            if !path.is_file() {
+                return Err(Error::Corrupt(format!(
+                    "layer {d} of image {base_hex} is missing from the store"
+                )));
+            }
+            layers.push(LayerEntry {
+                diff: d.clone(),
+                size: base_meta.layer_sizes.get(i).copied().unwrap_or(0),
+                path,
+                in_store: true,
+            });
+        }
+        layers.push(LayerEntry {
+            diff,
+            size,
+            path: new_layer,
+            in_store: false,
+        });
+        let paths: Vec<&Path> = layers.iter().map(|l| l.path.as_path()).collect();
+        let disk = self.stage_disk(&staging.0, &hex, &paths)?;
+        let staged = StagedImage {
+            hex: hex.clone(),
+            config: bytes,
+            layers,
+            disk: Some(disk),
+            tags: tag.into_iter().collect(),
+            digest_refs: Vec::new(),
+            created: Some(now),
+        };
+        self.commit(
+            &mut self.write_state(),
+            std::slice::from_ref(&staged),
+            &mut Vec::new(),
+        )?;
+        Ok(format!("sha256:{hex}"))
+    }
+
     /// Find the image hex for a name: full id, `sha256:` id, reference, or unambiguous id prefix.
     /// Returns (hex, Some(familiar reference) if found by reference).
     fn lookup(st: &State, name: &str) -> Result<(String, Option<String>)> {

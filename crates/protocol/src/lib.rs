@@ -239,6 +239,10 @@ pub enum HostMsg {
         /// without the contents of `/proc`, `/sys` and `/dev`.
         #[serde(default)]
         export: bool,
+        /// `docker commit`: the container's changes as an image layer
+        /// (`path` is ignored).
+        #[serde(default)]
+        layer: bool,
     },
     /// `docker diff`: answer [`GuestMsg::Changes`] (or [`GuestMsg::CopyDone`]
     /// with the error).
