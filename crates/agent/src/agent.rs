@@ -78,6 +78,8 @@ struct State {
     copies: HashMap<u32, mpsc::Sender<StdinCmd>>,
     /// The container's hostname, for rewriting `/etc/hosts`.
     hostname: String,
+    /// Privileges and limits of the container's processes, for execs.
+    guard: Option<Arc<crate::restrict::Guard>>,
 }
 
 impl State {
@@ -512,11 +514,24 @@ impl Agent {
         }
         crate::mounts::apply(&root, &spec.tmpfs, &spec.mounts)
             .map_err(|e| StartError::other(e.to_string()))?;
+        if let Some(bytes) = spec.restrictions.shm_size {
+            crate::restrict::resize_shm(&root, bytes)
+                .map_err(|e| StartError::other(e.to_string()))?;
+        }
         if spec.read_only {
             rootfs::make_read_only(&root).map_err(|e| StartError::other(e.to_string()))?;
         }
+        let guard = Arc::new(
+            crate::restrict::Guard::new(&spec.restrictions)
+                .map_err(|e| StartError::other(format!("container restrictions: {e}")))?,
+        );
+        st.guard = Some(guard.clone());
         let t_etc = t0.elapsed();
-        let user = user::resolve_in_root(&root, &spec.user)?;
+        let mut user = user::resolve_in_root(&root, &spec.user)?;
+        user.sgids.extend(user::extra_groups_in_root(
+            &root,
+            &spec.restrictions.group_add,
+        )?);
         let env = command::build_env(&spec.env, &spec.hostname, &user.home, spec.tty);
         let oom_before = system::oom_kills();
         let spawned = process::start(&process::Launch {
@@ -529,6 +544,7 @@ impl Agent {
             tty_size: spec.tty_size,
             open_stdin: spec.open_stdin,
             create_cwd: true,
+            guard: Some(guard),
         })?;
         self.writer.send(&GuestMsg::Started {
             pid: spawned.pid as u32,
@@ -605,7 +621,11 @@ impl Agent {
         } else {
             &spec.user
         };
-        let user = user::resolve_in_root(&root, user_spec)?;
+        let mut user = user::resolve_in_root(&root, user_spec)?;
+        user.sgids.extend(user::extra_groups_in_root(
+            &root,
+            &main.spec.restrictions.group_add,
+        )?);
         let env = exec_env(&main.spec, spec, &user.home);
         let cwd = exec_cwd(&main.spec, spec);
         check_exec_cwd(&root, &cwd)?;
@@ -619,6 +639,7 @@ impl Agent {
             tty_size: spec.tty_size,
             open_stdin: spec.open_stdin,
             create_cwd: false,
+            guard: st.guard.clone(),
         })?;
         self.writer.send(&GuestMsg::ExecStarted {
             exec_id,
@@ -834,6 +855,7 @@ fn warm_up(root: &std::path::Path) {
         tty_size: None,
         open_stdin: false,
         create_cwd: false,
+        guard: None,
     });
     match spawned {
         // The reaper collects it; wait (briefly) until it is gone so the VM

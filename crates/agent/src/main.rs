@@ -36,6 +36,7 @@ mod diff;
 mod mounts;
 mod net;
 mod process;
+mod restrict;
 mod rootfs;
 mod system;
 mod top;

@@ -50,6 +50,8 @@ pub struct Launch<'a> {
     /// Create a missing working directory (the main process); an exec's
     /// must exist.
     pub create_cwd: bool,
+    /// Privileges and limits (see [`crate::restrict`]).
+    pub guard: Option<Arc<crate::restrict::Guard>>,
 }
 
 /// Where a process's output goes.
@@ -205,6 +207,7 @@ pub fn spawn(l: &Launch<'_>, program: &str) -> io::Result<Spawned> {
     }
     let groups: Vec<libc::gid_t> = l.user.sgids.clone();
     let (uid, gid, tty) = (l.user.uid, l.user.gid, l.tty);
+    let guard = l.guard.clone();
 
     let mut cmd = Command::new(program);
     cmd.arg0(l.args.first().map(String::as_str).unwrap_or(program));
@@ -244,6 +247,9 @@ pub fn spawn(l: &Launch<'_>, program: &str) -> io::Result<Spawned> {
             // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the PTY slave.
             check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }.into())?;
         }
+        if let Some(g) = &guard {
+            g.before_chroot()?;
+        }
         // SAFETY: `root` is a valid NUL-terminated string owned by the closure.
         check(unsafe { libc::chroot(root.as_ptr()) }.into())?;
         for p in &prefixes {
@@ -254,12 +260,18 @@ pub fn spawn(l: &Launch<'_>, program: &str) -> io::Result<Spawned> {
         check(unsafe { libc::chdir(cwd_c.as_ptr()) }.into())?;
         // Raw system calls: only this thread exists in the child, so glibc's
         // cross-thread setxid broadcast is neither needed nor safe after fork.
+        if let Some(g) = &guard {
+            g.before_setuid()?;
+        }
         // SAFETY: `groups` is a valid array of `groups.len()` gid_t.
         check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) })?;
         // SAFETY: setgid(2) with an integer argument.
         check(unsafe { libc::syscall(libc::SYS_setgid, gid) })?;
         // SAFETY: setuid(2) with an integer argument.
         check(unsafe { libc::syscall(libc::SYS_setuid, uid) })?;
+        if let Some(g) = &guard {
+            g.after_setuid(uid)?;
+        }
         Ok(())
     };
     // SAFETY: the hook performs only raw system calls on data captured before
@@ -432,6 +444,7 @@ mod tests {
                 tty_size: None,
                 open_stdin: false,
                 create_cwd: true,
+                guard: None,
             },
             "/bin/busybox",
         )

@@ -213,6 +213,35 @@ pub fn resolve_in_root(root: &Path, spec: &str) -> Result<ExecUser, StartError> 
     resolve(spec, passwd.as_deref(), group.as_deref())
 }
 
+/// `--group-add`: each entry a group name of the root filesystem's
+/// `/etc/group` or a number. An unknown name fails the start as Docker does.
+pub fn extra_groups_in_root(root: &Path, names: &[String]) -> Result<Vec<u32>, StartError> {
+    if names.is_empty() {
+        return Ok(vec![]);
+    }
+    let group = crate::rootfs::resolve_in_root(root, Path::new("/etc/group"))
+        .ok()
+        .and_then(|p| std::fs::read(p).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let groups = parse_group(&group);
+    names
+        .iter()
+        .map(|n| match n.parse::<i64>() {
+            Ok(id) => check_range(id),
+            Err(_) => groups
+                .iter()
+                .find(|g| &g.name == n)
+                .ok_or_else(|| {
+                    user_error(format!(
+                        "unable to find group {n}: no matching entries in group file"
+                    ))
+                })
+                .and_then(|g| check_range(g.gid)),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

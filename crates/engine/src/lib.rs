@@ -18,6 +18,7 @@ mod logs;
 mod names;
 mod network;
 mod pool;
+mod privileges;
 mod record;
 pub mod signal;
 mod stats;
@@ -1014,6 +1015,7 @@ impl Engine {
             }
         }
         let shape = self.shape(&host_config)?;
+        privileges::restrictions(&host_config)?;
         let mut host_config = host_config;
         if matches!(
             host_config.network_mode.as_deref(),
@@ -1352,7 +1354,13 @@ impl Engine {
             return Err(fail(format!("fresh VM's agent is not idle: {state:?}")));
         }
         let tty_size = h.live.lock().await.tty_size;
-        let mut spec = self.process_spec(&rec, tty_size);
+        let mut spec = match self.process_spec(&rec, tty_size) {
+            Ok(s) => s,
+            Err(e) => {
+                vessel_vm::kill_vm(pid, &vm_name);
+                return Err(e);
+            }
+        };
         let seal = match self.share_mounts(&rec, &run_dir, &mut spec).await {
             Ok(seal) => seal,
             Err(e) => {
@@ -1504,11 +1512,15 @@ impl Engine {
         live.writer = Some(writer);
     }
 
-    fn process_spec(&self, rec: &ContainerRecord, tty_size: Option<(u16, u16)>) -> ProcessSpec {
+    fn process_spec(
+        &self,
+        rec: &ContainerRecord,
+        tty_size: Option<(u16, u16)>,
+    ) -> Result<ProcessSpec, EngineError> {
         let c = &rec.config;
         let mut args = vec![rec.path.clone()];
         args.extend(rec.args.iter().cloned());
-        ProcessSpec {
+        Ok(ProcessSpec {
             args,
             env: c.env.clone().unwrap_or_default(),
             cwd: c
@@ -1544,7 +1556,8 @@ impl Engine {
             tmpfs: sorted_pairs(rec.host_config.tmpfs.as_ref()),
             sysctls: sorted_pairs(rec.host_config.sysctls.as_ref()),
             mounts: vec![],
-        }
+            restrictions: privileges::restrictions(&rec.host_config)?,
+        })
     }
 
     /// Follows a running container's agent until its process ends or its VM dies.

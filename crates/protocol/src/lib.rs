@@ -449,6 +449,10 @@ pub struct ProcessSpec {
     /// `--sysctl KEY=VALUE`: written to `/proc/sys` before the process starts.
     #[serde(default)]
     pub sysctls: Vec<(String, String)>,
+    /// Privileges and limits of the container's processes (main and
+    /// execs).
+    #[serde(default)]
+    pub restrictions: Restrictions,
     /// The container's network interfaces (empty: only loopback).
     #[serde(default)]
     pub interfaces: Vec<InterfaceSpec>,
@@ -941,3 +945,87 @@ pub struct InterfaceSpec {
 pub fn slot_mac(slot: usize) -> String {
     format!("52:54:00:56:53:{slot:02x}")
 }
+
+/// What the container's processes may do, as Docker's run flags say, applied
+/// by the agent inside the VM to the main process and every exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Restrictions {
+    /// Capability numbers the processes keep (bounding, permitted,
+    /// effective and inheritable sets); `None` keeps them all
+    /// (`--privileged`).
+    pub capabilities: Option<Vec<u8>>,
+    /// `--security-opt no-new-privileges`.
+    pub no_new_privileges: bool,
+    /// `--ulimit`: (resource number, soft, hard); -1 is unlimited.
+    pub ulimits: Vec<(u32, i64, i64)>,
+    /// `--group-add`: group names (looked up in the container's
+    /// `/etc/group`) or numbers.
+    pub group_add: Vec<String>,
+    /// `--pids-limit`: most processes at once (a cgroup in the guest).
+    pub pids_limit: Option<i64>,
+    /// `--shm-size` in bytes (the size of `/dev/shm`).
+    pub shm_size: Option<u64>,
+}
+
+/// Linux capability names (without `CAP_`), by number.
+pub const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// The capabilities a Docker container has by default.
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
