@@ -373,12 +373,15 @@ fn volumes_are_shared_between_vms_and_bind_mounts_with_the_host() {
     assert_eq!((sub.uid(), sub.mode() & 0o777), (1000, 0o750));
 
     // A second VM mounts it at the same time (read-only) and the tmpfs
-    // volume; each sees the other's writes at once.
+    // volume; each sees the other's writes at once. It may mount (below it
+    // tries to make the volume writable again).
     d.ok(&[
         "run",
         "-d",
         "--name",
         "two",
+        "--cap-add",
+        "SYS_ADMIN",
         "-v",
         "shared:/data:ro",
         "-v",
