@@ -115,11 +115,7 @@ fn docker_privilege_and_limit_flags_apply_inside_the_vm() {
 
     for (flag, value, want) in [
         ("--cap-add", "FROBNICATE", "unknown capability"),
-        (
-            "--security-opt",
-            "apparmor=docker-default",
-            "not supported",
-        ),
+        ("--security-opt", "apparmor=docker-default", "not supported"),
         ("--group-add", "nosuchgroup", "nosuchgroup"),
     ] {
         let r = d.docker(&["run", "--rm", flag, value, "busybox", "true"]);
