@@ -1270,6 +1270,8 @@ type StdinSink =
 /// frames, or raw bytes with a TTY) until the process ends, and feeds what
 /// the client sends to `stdin`. `first` is written before any output (an
 /// error message for an exec that failed to start).
+/// With `detach_keys`, that key sequence on stdin detaches the client: the
+/// connection ends and the process keeps running with its stdin open.
 fn serve_hijacked(
     on_upgrade: hyper::upgrade::OnUpgrade,
     mut output: tokio::sync::broadcast::Receiver<Output>,
@@ -1277,6 +1279,7 @@ fn serve_hijacked(
     (want_stdout, want_stderr): (bool, bool),
     stdin: Option<StdinSink>,
     before: Option<futures::future::BoxFuture<'static, Option<String>>>,
+    detach_keys: Option<Vec<u8>>,
 ) {
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -1287,9 +1290,11 @@ fn serve_hijacked(
             }
         };
         let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        let (detached_tx, mut detached) = tokio::sync::oneshot::channel::<()>();
         let stdin_task = stdin.map(|mut sink| {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 32 * 1024];
+                let mut escape = detach_keys.map(EscapeScanner::new);
                 loop {
                     match rd.read(&mut buf).await {
                         Ok(0) | Err(_) => {
@@ -1297,7 +1302,15 @@ fn serve_hijacked(
                             break;
                         }
                         Ok(n) => {
-                            if !sink(Some(buf[..n].to_vec())).await {
+                            let (data, detach) = match escape.as_mut() {
+                                Some(e) => e.feed(&buf[..n]),
+                                None => (buf[..n].to_vec(), false),
+                            };
+                            if !data.is_empty() && !sink(Some(data)).await {
+                                break;
+                            }
+                            if detach {
+                                let _ = detached_tx.send(());
                                 break;
                             }
                         }
@@ -1317,7 +1330,11 @@ fn serve_hijacked(
             }
         }
         loop {
-            let item = match output.recv().await {
+            let received = tokio::select! {
+                r = output.recv() => r,
+                Ok(()) = &mut detached => break,
+            };
+            let item = match received {
                 Ok(o) => o,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     warn!("attach client fell behind; {n} output chunks dropped");
@@ -1355,6 +1372,75 @@ fn serve_hijacked(
     });
 }
 
+/// Finds a detach key sequence in a stdin stream, holding back bytes that
+/// may start it until it is known whether they do.
+struct EscapeScanner {
+    keys: Vec<u8>,
+    pending: Vec<u8>,
+}
+
+impl EscapeScanner {
+    fn new(keys: Vec<u8>) -> Self {
+        Self {
+            keys,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The bytes to pass on, and whether the sequence was seen (what
+    /// follows it is dropped).
+    fn feed(&mut self, data: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(data.len());
+        for &b in data {
+            if self.keys.get(self.pending.len()) == Some(&b) {
+                self.pending.push(b);
+                if self.pending.len() == self.keys.len() {
+                    return (out, true);
+                }
+                continue;
+            }
+            out.append(&mut self.pending);
+            if self.keys.first() == Some(&b) {
+                self.pending.push(b);
+            } else {
+                out.push(b);
+            }
+        }
+        (out, false)
+    }
+}
+
+/// Docker's `detachKeys`: comma-separated `ctrl-<c>` or single characters;
+/// empty means the default, ctrl-p ctrl-q.
+fn parse_detach_keys(spec: Option<&str>) -> ApiResult<Vec<u8>> {
+    let spec = spec.filter(|s| !s.is_empty()).unwrap_or("ctrl-p,ctrl-q");
+    let bad = || ApiError::bad(format!("Invalid detach keys ({spec}) provided"));
+    spec.split(',')
+        .map(|k| {
+            if let Some(c) = k.strip_prefix("ctrl-") {
+                let c = c.as_bytes();
+                if c.len() != 1 {
+                    return Err(bad());
+                }
+                match c[0] {
+                    b'a'..=b'z' => Ok(c[0] - b'a' + 1),
+                    b'@' => Ok(0),
+                    b'[' => Ok(27),
+                    b'\\' => Ok(28),
+                    b']' => Ok(29),
+                    b'^' => Ok(30),
+                    b'_' => Ok(31),
+                    _ => Err(bad()),
+                }
+            } else if k.len() == 1 {
+                Ok(k.as_bytes()[0])
+            } else {
+                Err(bad())
+            }
+        })
+        .collect()
+}
+
 /// The `101 UPGRADED` answer (or `200` for a client that did not ask to upgrade).
 fn upgraded_response(upgrading: bool, tty: bool) -> Response {
     let mut resp = Response::new(Body::empty());
@@ -1388,6 +1474,7 @@ async fn container_attach(
         ));
     }
     let want_stdin = q.flag("stdin") && rec.config.open_stdin.unwrap_or(false);
+    let detach_keys = parse_detach_keys(q.get("detachKeys"))?;
     let upgrading = req.headers().get(header::UPGRADE).is_some();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let stdin: Option<StdinSink> = want_stdin.then(|| {
@@ -1413,6 +1500,7 @@ async fn container_attach(
         (q.flag("stdout"), q.flag("stderr")),
         stdin,
         None,
+        Some(detach_keys),
     );
     Ok(upgraded_response(upgrading, att.tty))
 }
@@ -1493,7 +1581,7 @@ async fn exec_start(
         e.config.attach_stdout.unwrap_or(true),
         e.config.attach_stderr.unwrap_or(true),
     );
-    serve_hijacked(on_upgrade, output, tty, want, stdin, Some(before));
+    serve_hijacked(on_upgrade, output, tty, want, stdin, Some(before), None);
     Ok(upgraded_response(upgrading, tty))
 }
 
@@ -1554,5 +1642,30 @@ mod tests {
             q.all("changes"),
             vec!["CMD a".to_string(), "ENV b=c".to_string()]
         );
+    }
+}
+
+#[cfg(test)]
+mod detach_tests {
+    use super::{parse_detach_keys, EscapeScanner};
+
+    #[test]
+    fn detach_keys_parse_as_docker_writes_them() {
+        assert_eq!(parse_detach_keys(None).expect("default"), vec![16, 17]);
+        assert_eq!(
+            parse_detach_keys(Some("ctrl-a,x")).expect("keys"),
+            vec![1, b'x']
+        );
+        assert!(parse_detach_keys(Some("ctrl-ab")).is_err());
+        assert!(parse_detach_keys(Some("abc")).is_err());
+    }
+
+    #[test]
+    fn the_sequence_detaches_and_near_misses_pass_through() {
+        let mut e = EscapeScanner::new(vec![16, 17]);
+        assert_eq!(e.feed(b"ab\x10"), (b"ab".to_vec(), false));
+        assert_eq!(e.feed(b"c"), (b"\x10c".to_vec(), false));
+        assert_eq!(e.feed(b"\x10\x10"), (b"\x10".to_vec(), false));
+        assert_eq!(e.feed(b"\x11rest"), (vec![], true));
     }
 }

@@ -192,7 +192,12 @@ impl Firewall {
             "  chain output {{\n    type filter hook output priority filter; policy accept;"
         );
         for n in nets {
-            let b = &n.bridge;
+            let (b, gw) = (&n.bridge, n.gateway);
+            // The network's DNS answers, whatever conntrack made of the
+            // queries (a resolver's parallel A and AAAA queries from one
+            // socket can lose their entry to a clash).
+            let _ = writeln!(s, "    oifname \"{b}\" ip saddr {gw} udp sport 53 accept");
+            let _ = writeln!(s, "    oifname \"{b}\" ip saddr {gw} tcp sport 53 accept");
             let _ = writeln!(s, "    oifname \"{b}\" ct state established,related accept");
             if n.trust.published() {
                 let _ = writeln!(s, "    oifname \"{b}\" meta mark {PROXY_MARK:#x} accept");

@@ -528,3 +528,47 @@ fn read_only_tmpfs_and_sysctl_apply_inside_the_vm() {
         stderr(&out)
     );
 }
+
+#[test]
+fn detach_keys_leave_the_container_running() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&["run", "-d", "-i", "--name", "cat1", "busybox", "cat"]);
+    // ctrl-p ctrl-q (Docker's default): the client goes, `cat` keeps its
+    // stdin and runs on. Without the sequence, the end of input would
+    // close its stdin and end it.
+    let out = d.docker_in(&["attach", "cat1"], b"hello\n\x10\x11after\n");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "{out:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let running = d.ok(&["inspect", "-f", "{{.State.Running}}", "cat1"]);
+    assert_eq!(running.trim(), "true");
+    // Custom keys.
+    let out = d.docker_in(
+        &["attach", "--detach-keys", "ctrl-a,x", "cat1"],
+        b"again\n\x01x",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("again"),
+        "{out:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.State.Running}}", "cat1"])
+            .trim(),
+        "true"
+    );
+    let logs = d.ok(&["logs", "cat1"]);
+    assert!(
+        !logs.contains("after"),
+        "bytes after the sequence are dropped: {logs}"
+    );
+    // Without a sequence, the end of input ends `cat`.
+    d.docker_in(&["attach", "cat1"], b"bye\n");
+    assert!(common::eventually(10, || d
+        .ok(&["inspect", "-f", "{{.State.Running}}", "cat1"])
+        .trim()
+        == "false"));
+}
