@@ -1290,7 +1290,9 @@ fn serve_hijacked(
             }
         };
         let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-        let (detached_tx, mut detached) = tokio::sync::oneshot::channel::<()>();
+        let (detached_tx, detached_rx) = tokio::sync::oneshot::channel::<()>();
+        // `None` once the stdin side ended without detaching.
+        let mut detached = Some(detached_rx);
         let stdin_task = stdin.map(|mut sink| {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 32 * 1024];
@@ -1310,6 +1312,7 @@ fn serve_hijacked(
                                 break;
                             }
                             if detach {
+                                debug!("attach: detach keys read, the client is detached");
                                 let _ = detached_tx.send(());
                                 break;
                             }
@@ -1330,9 +1333,18 @@ fn serve_hijacked(
             }
         }
         loop {
-            let received = tokio::select! {
-                r = output.recv() => r,
-                Ok(()) = &mut detached => break,
+            let received = match detached.as_mut() {
+                Some(d) => tokio::select! {
+                    r = output.recv() => r,
+                    seen = d => match seen {
+                        Ok(()) => break,
+                        Err(_) => {
+                            detached = None;
+                            continue;
+                        }
+                    },
+                },
+                None => output.recv().await,
             };
             let item = match received {
                 Ok(o) => o,
