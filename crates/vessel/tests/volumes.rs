@@ -675,8 +675,7 @@ fn bind_mounted_data_survives_removal_and_failed_starts() {
 }
 
 /// docker compose (Debian's docker-compose 1.29) with a named volume shared
-/// by two services. `network_mode: none`: container networks are not part
-/// of this test.
+/// by two services on the project's default network.
 #[test]
 fn compose_services_share_a_named_volume() {
     if std::process::Command::new("docker-compose")
@@ -697,13 +696,11 @@ fn compose_services_share_a_named_volume() {
 services:
   writer:
     image: busybox
-    network_mode: none
     command: sh -c 'echo from-compose > /data/f; sleep 100000'
     volumes:
       - appdata:/data
   reader:
     image: busybox
-    network_mode: none
     command: sh -c 'while [ ! -e /data/f ]; do sleep 0.2; done; cat /data/f; sleep 100000'
     volumes:
       - appdata:/data:ro
