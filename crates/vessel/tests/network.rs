@@ -561,19 +561,21 @@ fn trust_levels_and_internal_networks_are_enforced() {
     );
     assert!(!fetches(&d, "c1", &outside, "outside-ok"));
     assert!(!fetches(&d, "c1", "http://c2/hostname", ""));
-    let ns = d.ok(&["exec", "c1", "nslookup", "c2"]);
-    assert!(
-        ns.contains(&ip_of(&d, "c2", "shut")),
-        "{ns}\n{}\n{}",
-        String::from_utf8_lossy(
-            &Command::new("ip")
-                .args(["-br", "addr"])
-                .output()
-                .expect("ip")
-                .stdout
-        ),
-        d.log()
-    );
+    // busybox's nslookup sends its queries at once from one socket and does
+    // not retry; under heavy load a query is sometimes lost (seen only on
+    // this closed network, cause not found; suspected a conntrack clash),
+    // so a few attempts are allowed.
+    let c2_ip = ip_of(&d, "c2", "shut");
+    let mut last = String::new();
+    let found = common::eventually(15, || {
+        last = String::from_utf8_lossy(
+            &d.docker(&["exec", "c1", "nslookup", "-type=a", "c2"])
+                .stdout,
+        )
+        .into_owned();
+        last.contains(&c2_ip)
+    });
+    assert!(found, "{last}\n{}", d.log());
 }
 
 #[test]
