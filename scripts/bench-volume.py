@@ -26,6 +26,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(HERE, "scripts"))
+remove_vessel_networking = __import__("bench-startup").remove_vessel_networking
 
 
 class Engine:
@@ -131,6 +133,7 @@ def main():
             mp = line.split(" ")[4]
             if mp.startswith(tmp):
                 subprocess.run(["umount", "-l", mp], capture_output=True)
+        remove_vessel_networking(f"{tmp}/v")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

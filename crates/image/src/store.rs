@@ -707,18 +707,7 @@ impl ImageStore {
         changes: &[String],
         message: &str,
     ) -> Result<String> {
-        let tag = match reference {
-            Some(r) if !r.is_empty() => {
-                let r = Reference::parse(r)?;
-                if r.digest.is_some() {
-                    return Err(Error::InvalidReference(
-                        "refusing to create a tag with a digest reference".into(),
-                    ));
-                }
-                Some(r.with_default_tag())
-            }
-            _ => None,
-        };
+        let tag = new_image_tag(reference)?;
         let mut cc = Map::new();
         crate::changes::apply_changes(&mut cc, changes)?;
         let staging = self.staging("import")?;
@@ -781,18 +770,7 @@ impl ImageStore {
         author: &str,
         container_id: &str,
     ) -> Result<String> {
-        let tag = match reference {
-            Some(r) if !r.is_empty() => {
-                let r = Reference::parse(r)?;
-                if r.digest.is_some() {
-                    return Err(Error::InvalidReference(
-                        "refusing to create a tag with a digest reference".into(),
-                    ));
-                }
-                Some(r.with_default_tag())
-            }
-            _ => None,
-        };
+        let tag = new_image_tag(reference)?;
         let mut cc = match config {
             Value::Object(m) => m,
             _ => Map::new(),
@@ -1232,4 +1210,21 @@ impl ImageStore {
 fn assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<ImageStore>();
+}
+
+/// The tag a new image (`import`, `commit`) gets: none for an empty
+/// reference; a digest reference cannot be a tag.
+fn new_image_tag(reference: Option<&str>) -> Result<Option<Reference>> {
+    match reference {
+        Some(r) if !r.is_empty() => {
+            let r = Reference::parse(r)?;
+            if r.digest.is_some() {
+                return Err(Error::InvalidReference(
+                    "refusing to create a tag with a digest reference".into(),
+                ));
+            }
+            Ok(Some(r.with_default_tag()))
+        }
+        _ => Ok(None),
+    }
 }
