@@ -26,10 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
-from importlib import import_module  # noqa: E402
-
-_startup = import_module("bench-startup")
-Engine = _startup.Engine
+from benchlib import Engine  # noqa: E402
 
 
 def ip_of(e, name):
@@ -148,7 +145,6 @@ def main():
         subprocess.run(["pkill", "-9", "-f", tmp], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         subprocess.run(["umount", "-R", f"{tmp}/dx"], capture_output=True)
-        _startup.remove_vessel_networking(f"{tmp}/v")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -25,29 +24,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Engine:
-    def __init__(self, name, tmp, cmd, sock):
-        self.name = name
-        self.env = dict(os.environ, DOCKER_HOST="unix://" + sock, DOCKER_CONFIG=os.path.join(tmp, "cfg-" + name))
-        self.log = os.path.join(tmp, name + ".log")
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(600):
-            if self.docker("version", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise SystemExit(f"{name} did not start; see {self.log}")
-
-    def docker(self, *args, check=True):
-        return subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, check=check)
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except Exception:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+sys.path.insert(0, os.path.join(HERE, "scripts"))
+from benchlib import Engine  # noqa: E402
 
 
 def noise_layer(seed, size):

@@ -17,11 +17,9 @@ Usage: scripts/bench-startup.py [--runs 10] [--idle 100] [--no-dockerd]
 Needs scripts/setup.sh to have run; `apt-get install docker.io` for the peer.
 """
 import argparse
-import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,54 +27,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Engine:
-    def __init__(self, name, tmp, cmd, sock):
-        self.name, self.tmp, self.sock = name, tmp, sock
-        self.env = dict(os.environ, DOCKER_HOST="unix://" + sock, DOCKER_CONFIG=os.path.join(tmp, "cfg-" + name))
-        self.log = os.path.join(tmp, name + ".log")
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(600):
-            if self.docker("version", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise SystemExit(f"{name} did not start; see {self.log}:\n" + open(self.log).read()[-2000:])
-
-    def docker(self, *args, check=True):
-        return subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, check=check)
-
-    def timed(self, *args):
-        t0 = time.monotonic()
-        self.docker(*args)
-        return time.monotonic() - t0
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except Exception:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def vessel_bridge_name(data_root):
-    """The default bridge name a Vessel daemon derives from its data root."""
-    h = 0x811C9DC5
-    for b in os.fsencode(data_root):
-        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return f"vb{h:08x}"
-
-
-def remove_vessel_networking(data_root):
-    """Deletes the bridges and nftables table a Vessel daemon made for
-    `data_root` (networks outlive the daemon by design)."""
-    owner = "vessel:" + vessel_bridge_name(data_root)
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
-    for link in json.loads(out or "[]"):
-        if link.get("ifalias") == owner:
-            subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
-    subprocess.run(["nft", "delete", "table", "inet", "vessel_" + vessel_bridge_name(data_root)],
-                   capture_output=True)
+sys.path.insert(0, os.path.join(HERE, "scripts"))
+from benchlib import Engine  # noqa: E402
 
 
 def pss_kib(pid):
@@ -232,8 +184,6 @@ def main():
         subprocess.run(["pkill", "-9", "-f", tmp])
         time.sleep(0.5)
         subprocess.run(["umount", "-R", f"{tmp}/dx"], capture_output=True)
-        for root in ("v", "vc", "c"):
-            remove_vessel_networking(f"{tmp}/{root}")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

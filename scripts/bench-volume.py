@@ -18,7 +18,6 @@ $VESSEL_GUEST_DIR or /usr/local/lib/vessel).
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,33 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
-remove_vessel_networking = __import__("bench-startup").remove_vessel_networking
-
-
-class Engine:
-    def __init__(self, name, tmp, cmd, sock):
-        self.name, self.tmp, self.sock = name, tmp, sock
-        self.env = dict(os.environ, DOCKER_HOST="unix://" + sock, DOCKER_CONFIG=os.path.join(tmp, "cfg-" + name))
-        self.log = os.path.join(tmp, name + ".log")
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(600):
-            if self.docker("version", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise SystemExit(f"{name} did not start; see {self.log}:\n" + open(self.log).read()[-2000:])
-
-    def docker(self, *args, check=True):
-        r = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True)
-        if check and r.returncode != 0:
-            raise SystemExit(f"{self.name}: docker {' '.join(args)} failed: {r.stderr.strip()}")
-        return r
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except Exception:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+from benchlib import Engine  # noqa: E402
 
 
 def timed_ns(engine, cid, script):
@@ -133,7 +106,6 @@ def main():
             mp = line.split(" ")[4]
             if mp.startswith(tmp):
                 subprocess.run(["umount", "-l", mp], capture_output=True)
-        remove_vessel_networking(f"{tmp}/v")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

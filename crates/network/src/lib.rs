@@ -20,6 +20,22 @@ pub mod proxy;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+/// The default bridge's name for a daemon whose data root is `data_root`:
+/// `vessel0` for `/var/lib/vessel`, else `vb` and eight hex digits of an
+/// FNV-1a hash of the path, so that daemons with different data roots never
+/// share a bridge (or the firewall table and links named after it).
+pub fn default_bridge_name(data_root: &std::path::Path) -> String {
+    if data_root == std::path::Path::new("/var/lib/vessel") {
+        return "vessel0".into();
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data_root.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("vb{h:08x}")
+}
+
 /// Errors of host networking.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -121,5 +137,23 @@ impl HostLock {
             )));
         }
         Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_bridge_name;
+    use std::path::Path;
+
+    #[test]
+    fn default_bridge_names_are_per_data_root_and_fit_linux() {
+        assert_eq!(default_bridge_name(Path::new("/var/lib/vessel")), "vessel0");
+        let a = default_bridge_name(Path::new("/tmp/a"));
+        let b = default_bridge_name(Path::new("/tmp/b"));
+        assert_ne!(a, b);
+        assert_eq!(a, default_bridge_name(Path::new("/tmp/a")));
+        for name in [a, b] {
+            assert!(name.starts_with("vb") && name.len() <= 15, "{name}");
+        }
     }
 }

@@ -130,20 +130,6 @@ fn read_config(path: &std::path::Path) -> anyhow::Result<ConfigFile> {
         .with_context(|| format!("unable to configure the daemon from {}", path.display()))
 }
 
-/// `vessel0` for the default data root, else `vb` and eight hex digits of
-/// a hash of the data root.
-fn default_bridge_name(data_root: &std::path::Path) -> String {
-    if data_root == std::path::Path::new("/var/lib/vessel") {
-        return "vessel0".into();
-    }
-    let mut h: u32 = 0x811c_9dc5;
-    for b in data_root.as_os_str().as_encoded_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    format!("vb{h:08x}")
-}
-
 fn find_in_path(name: &PathBuf) -> PathBuf {
     if name.components().count() > 1 {
         return name.clone();
@@ -197,7 +183,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             bridge_name: args
                 .bridge_name
                 .clone()
-                .unwrap_or_else(|| default_bridge_name(&data_root)),
+                .unwrap_or_else(|| vessel_network::default_bridge_name(&data_root)),
             bip: args.bip.clone().or(file.bip),
         },
     };

@@ -286,14 +286,9 @@ impl Drop for Daemon {
 
 impl Daemon {
     /// The default bridge's name, as the daemon derives it from its data
-    /// root (`vb` and an FNV-1a hash).
+    /// root.
     pub fn bridge_name(&self) -> String {
-        let mut h: u32 = 0x811c_9dc5;
-        for b in self.data_root().as_os_str().as_encoded_bytes() {
-            h ^= u32::from(*b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-        format!("vb{h:08x}")
+        vessel_network::default_bridge_name(&self.data_root())
     }
 
     /// Deletes what the daemon made on the host that outlives it by design

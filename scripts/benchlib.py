@@ -1,0 +1,64 @@
+"""What the benchmarks share: an engine daemon on a private socket and data
+root, and the cleanup of what a Vessel daemon leaves on the host by design
+(its bridges and firewall table outlive it, as Docker's networks do)."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+
+class Engine:
+    """A daemon (Vessel or dockerd) started with `cmd`, answering on `sock`."""
+
+    def __init__(self, name, tmp, cmd, sock):
+        self.name, self.tmp, self.sock = name, tmp, sock
+        self.env = dict(os.environ, DOCKER_HOST="unix://" + sock, DOCKER_CONFIG=os.path.join(tmp, "cfg-" + name))
+        self.log = os.path.join(tmp, name + ".log")
+        self.bridge = None
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(600):
+            if self.docker("version", check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit(f"{name} did not start; see {self.log}:\n" + open(self.log).read()[-2000:])
+        if os.path.basename(cmd[0]) == "vessel":
+            # The daemon names its default bridge; ask it rather than
+            # repeating its naming rule here.
+            self.bridge = self.docker("network", "inspect", "bridge", "-f",
+                                      '{{index .Options "com.docker.network.bridge.name"}}').stdout.strip()
+
+    def docker(self, *args, check=True):
+        """Runs the docker CLI against this engine; exits with its error
+        message when `check` and it fails."""
+        r = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise SystemExit(f"{self.name}: docker {' '.join(args)} failed: {r.stderr.strip()}")
+        return r
+
+    def timed(self, *args):
+        t0 = time.monotonic()
+        self.docker(*args)
+        return time.monotonic() - t0
+
+    def stop(self):
+        """Stops the daemon, then removes a Vessel daemon's bridges and
+        firewall table."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except Exception:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.bridge:
+            remove_vessel_networking(self.bridge)
+
+
+def remove_vessel_networking(bridge):
+    """Deletes the bridges (marked with the alias `vessel:<bridge>`) and the
+    nftables table of the Vessel daemon whose default bridge is `bridge`."""
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
+    for link in json.loads(out or "[]"):
+        if link.get("ifalias") == "vessel:" + bridge:
+            subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
+    subprocess.run(["nft", "delete", "table", "inet", "vessel_" + bridge], capture_output=True)
