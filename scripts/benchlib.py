@@ -55,10 +55,11 @@ class Engine:
 
 
 def remove_vessel_networking(bridge):
-    """Deletes the bridges (marked with the alias `vessel:<bridge>`) and the
-    nftables table of the Vessel daemon whose default bridge is `bridge`."""
+    """Deletes the bridges and taps (marked with the aliases `vessel:<bridge>`
+    and `vessel-tap:<bridge>`) and the nftables table of the Vessel daemon
+    whose default bridge is `bridge`."""
     out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
     for link in json.loads(out or "[]"):
-        if link.get("ifalias") == "vessel:" + bridge:
+        if link.get("ifalias") in ("vessel:" + bridge, "vessel-tap:" + bridge):
             subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
     subprocess.run(["nft", "delete", "table", "inet", "vessel_" + bridge], capture_output=True)

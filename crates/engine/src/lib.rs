@@ -393,6 +393,7 @@ impl Engine {
                 placeholder_image: root.join("guest").join("placeholder-image.raw"),
                 placeholder_upper,
                 generation,
+                tap_owner: cfg.network.bridge_name.clone(),
             };
             let t = template::Templates::open(inputs, hv.clone())
                 .map_err(|e| internal("VM templates", e))?;
@@ -1461,6 +1462,7 @@ impl Engine {
             },
             background: false,
             taps: vessel_vm::tap_names(&run_dir),
+            tap_owner: self.inner.cfg.network.bridge_name.clone(),
             run_dir,
         }
     }
@@ -2312,6 +2314,10 @@ impl Engine {
     /// Reconnects to every container recorded as running, marks the ones
     /// whose VM is gone as exited, and kills VMs nobody owns.
     async fn recover(&self) -> Result<(), EngineError> {
+        // Taps of VMs that ended while the daemon was down. Running VMs hold
+        // theirs, which stay; nothing new has been spawned yet.
+        let owner = self.inner.cfg.network.bridge_name.clone();
+        blocking(move || vessel_vm::tap::sweep(&owner)).await?;
         let recs: Vec<(String, ContainerRecord)> = self
             .inner
             .store
@@ -2381,6 +2387,8 @@ impl Engine {
         let vm_name = rec.vm_name().to_string();
         let alive = pid.is_some_and(|p| vessel_vm::vm_alive(p, &vm_name));
         if let (true, Some(pid)) = (alive, pid) {
+            // Its taps go when it ends, as if this daemon had spawned it.
+            vessel_vm::tap::remove_after_exit(Some(pid), rec.taps.clone());
             let sock = self.run_dir(&id).join(vessel_vm::qemu::CONTROL_SOCKET);
             match connect(&Transport::VirtioSerial(sock), Duration::from_secs(10)).await {
                 Ok((reader, writer, GuestMsg::State { process, .. })) => {

@@ -220,9 +220,12 @@ fn end_leftovers(run_root: &Path) {
     for e in std::fs::read_dir(run_root).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if let Some(rest) = name.strip_prefix(RUN_PREFIX) {
-            if let Some(pid) = vessel_vm::qemu::read_pid(&e.path()) {
+            let pid = vessel_vm::qemu::read_pid(&e.path())
+                .filter(|p| vessel_vm::vm_alive(*p, &vm_name(rest)));
+            if let Some(pid) = pid {
                 vessel_vm::kill_vm(pid, &vm_name(rest));
             }
+            vessel_vm::tap::remove_after_exit(pid, vessel_vm::tap_names(&e.path()));
             crate::volumes::remove_run_dir(&e.path());
         }
     }

@@ -39,6 +39,8 @@ pub struct TemplateInputs {
     pub placeholder_image: PathBuf,
     pub placeholder_upper: PathBuf,
     pub generation: String,
+    /// Owner mark of the template VM's taps.
+    pub tap_owner: String,
 }
 
 /// The set of templates of one daemon.
@@ -70,9 +72,13 @@ impl Templates {
         {
             let name = e.file_name().to_string_lossy().to_string();
             if let Some(key) = name.strip_prefix("t-") {
-                if let Some(pid) = vessel_vm::qemu::read_pid(&e.path()) {
-                    vessel_vm::kill_vm(pid, &format!("template-{key}"));
+                let name = format!("template-{key}");
+                let pid =
+                    vessel_vm::qemu::read_pid(&e.path()).filter(|p| vessel_vm::vm_alive(*p, &name));
+                if let Some(pid) = pid {
+                    vessel_vm::kill_vm(pid, &name);
                 }
+                vessel_vm::tap::remove_after_exit(pid, vessel_vm::tap_names(&e.path()));
                 crate::volumes::remove_run_dir(&e.path());
             }
         }
@@ -169,6 +175,7 @@ impl Templates {
                 },
                 background: false,
                 taps: vessel_vm::tap_names(&self.inputs.run_root.join(format!("t-{key}"))),
+                tap_owner: self.inputs.tap_owner.clone(),
             };
             let r = self
                 .hv

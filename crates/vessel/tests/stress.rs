@@ -1,6 +1,6 @@
 //! Many containers and execs at once: 20 containers started and stopped
 //! concurrently, 200 execs, and nothing left behind (no VM process, run
-//! directory, container directory or mount).
+//! directory, container directory, mount or tap).
 
 mod common;
 
@@ -17,6 +17,19 @@ fn vm_processes(d: &Daemon) -> usize {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count()
+}
+
+/// Host taps marked as this daemon's.
+fn taps(d: &Daemon) -> Vec<String> {
+    let mark = format!("vessel-tap:{}", d.bridge_name());
+    std::fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("ifalias")).is_ok_and(|a| a.trim() == mark)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -37,6 +50,8 @@ fn twenty_containers_and_two_hundred_execs_leave_nothing_behind() {
     });
     let running = d.ok(&["ps", "-q"]);
     assert_eq!(running.lines().count(), 20, "{running}");
+    // Three network slots per VM, each a tap of this daemon's.
+    assert_eq!(taps(&d).len(), 60, "{:?}", taps(&d));
 
     // 200 execs, ten at a time, each with its own output and exit code.
     std::thread::scope(|s| {
@@ -95,4 +110,68 @@ fn twenty_containers_and_two_hundred_execs_leave_nothing_behind() {
     let root = d.data_root().display().to_string();
     assert!(!mounts.contains(&root), "mounts left under the data root");
     assert_eq!(vm_processes(&d), 0);
+    assert!(
+        common::eventually(20, || taps(&d).is_empty()),
+        "taps left: {:?}",
+        taps(&d)
+    );
+}
+
+#[test]
+fn taps_of_vms_that_die_while_the_daemon_is_down_go_at_its_next_start() {
+    let mut d = Daemon::start_with(&["--warm-vms", "0"]);
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&["run", "-d", "--name", "stays", "busybox", "sleep", "100000"]);
+    d.ok(&["run", "-d", "--name", "dies", "busybox", "sleep", "100000"]);
+    let pid_of = |d: &Daemon, n: &str| -> i32 {
+        d.ok(&["inspect", "-f", "{{.State.Pid}}", n])
+            .trim()
+            .parse()
+            .expect("pid")
+    };
+    let dies = pid_of(&d, "dies");
+    assert_eq!(taps(&d).len(), 6, "{:?}", taps(&d));
+
+    d.kill9();
+    // SAFETY: kill(2) of the VM process whose pid the daemon reported.
+    unsafe {
+        libc::kill(dies, libc::SIGKILL);
+    }
+    assert!(common::eventually(10, || !std::path::Path::new(&format!(
+        "/proc/{dies}"
+    ))
+    .exists()
+        || std::fs::read_to_string(format!("/proc/{dies}/stat"))
+            .is_ok_and(|s| s.contains(") Z "))));
+    // Persistent taps outlive their VM while no daemon is there to delete them.
+    assert_eq!(taps(&d).len(), 6, "{:?}", taps(&d));
+
+    d.restart();
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.State.Running}}", "stays"])
+            .trim(),
+        "true"
+    );
+    assert_eq!(taps(&d).len(), 3, "{:?}", taps(&d));
+    // The surviving VM's taps are still its: its network works.
+    d.ok(&["exec", "stays", "ping", "-c", "1", "-W", "5", &gateway(&d)]);
+    d.ok(&["rm", "-f", "stays", "dies"]);
+    assert!(
+        common::eventually(20, || taps(&d).is_empty()),
+        "taps left: {:?}",
+        taps(&d)
+    );
+}
+
+/// The default bridge network's gateway.
+fn gateway(d: &Daemon) -> String {
+    d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+        "bridge",
+    ])
+    .trim()
+    .to_string()
 }

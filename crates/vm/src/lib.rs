@@ -17,6 +17,7 @@ pub mod initrd;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
+pub mod tap;
 
 use std::path::PathBuf;
 
@@ -80,9 +81,13 @@ pub struct VmSpec {
     /// made ahead of time must not slow down the containers running now.
     pub background: bool,
     /// Host tap interfaces backing the VM's network slots, one per slot
-    /// ([`NIC_SLOTS`]); see [`tap_names`]. QEMU creates them and they vanish
-    /// with the VM.
+    /// ([`NIC_SLOTS`]); see [`tap_names`]. Spawning makes them (persistent,
+    /// see [`tap`]); whoever ends the VM deletes them with
+    /// [`tap::remove_after_exit`].
     pub taps: Vec<String>,
+    /// Whose taps these are: they are marked with [`tap::alias`] of it, so
+    /// that a daemon finds the ones it left behind.
+    pub tap_owner: String,
 }
 
 /// Network interfaces every container VM has. microvm offers eight

@@ -219,6 +219,32 @@ impl Hypervisor for Qemu {
     }
 
     fn spawn(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
+        crate::tap::create(&spec.taps, &spec.tap_owner)?;
+        match self.spawn_on_taps(spec) {
+            Ok(vm) => {
+                // However the VM ends, its taps go once it has.
+                crate::tap::remove_after_exit(Some(vm.pid), spec.taps.clone());
+                Ok(vm)
+            }
+            Err(e) => {
+                // QEMU has been reaped: its taps are free to go.
+                crate::tap::remove(&spec.taps);
+                Err(e)
+            }
+        }
+    }
+
+    fn build_template(&self, spec: &VmSpec, state: &Path) -> Result<(), VmError> {
+        crate::tap::create(&spec.taps, &spec.tap_owner)?;
+        let r = self.build_template_on_taps(spec, state);
+        // The template VM has been reaped either way.
+        crate::tap::remove(&spec.taps);
+        r
+    }
+}
+
+impl Qemu {
+    fn spawn_on_taps(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
         std::fs::create_dir_all(&spec.run_dir)
             .map_err(|e| VmError::io(format!("create {}", spec.run_dir.display()), e))?;
         let share = spec.run_dir.join(SHARE_DIR);
@@ -294,13 +320,13 @@ impl Hypervisor for Qemu {
         })
     }
 
-    fn build_template(&self, spec: &VmSpec, state: &Path) -> Result<(), VmError> {
+    fn build_template_on_taps(&self, spec: &VmSpec, state: &Path) -> Result<(), VmError> {
         if !matches!(spec.boot, Boot::Template { .. }) {
             return Err(VmError::Spawn(
                 "build_template needs a Boot::Template spec".into(),
             ));
         }
-        let vm = self.spawn(spec)?;
+        let vm = self.spawn_on_taps(spec)?;
         let kill = || {
             crate::kill_vm(vm.pid, &spec.name);
             let mut status = 0;
@@ -393,6 +419,7 @@ mod tests {
             boot: Boot::Cold,
             background: false,
             taps: crate::tap_names(Path::new("/run/x")),
+            tap_owner: "vb0".into(),
         }
     }
 

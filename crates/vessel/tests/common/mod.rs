@@ -292,16 +292,22 @@ impl Daemon {
     }
 
     /// Deletes what the daemon made on the host that outlives it by design
-    /// (networks persist across daemon restarts): its bridges, found by
-    /// their alias, and its nftables table.
+    /// (networks persist across daemon restarts, taps their VMs): its
+    /// bridges and taps, found by their alias, and its nftables table.
     fn remove_host_networking(&self) {
-        let owner = format!("vessel:{}", self.bridge_name());
+        let owners = [
+            format!("vessel:{}", self.bridge_name()),
+            format!("vessel-tap:{}", self.bridge_name()),
+        ];
         let out = Command::new("ip").args(["-j", "link", "show"]).output();
         if let Ok(out) = out {
             let links: serde_json::Value =
                 serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
             for l in links.as_array().into_iter().flatten() {
-                if l["ifalias"].as_str() == Some(owner.as_str()) {
+                if owners
+                    .iter()
+                    .any(|o| l["ifalias"].as_str() == Some(o.as_str()))
+                {
                     if let Some(name) = l["ifname"].as_str() {
                         let _ = Command::new("ip").args(["link", "del", name]).status();
                     }
