@@ -53,6 +53,17 @@ pub enum Error {
     /// `<code>: <message>` when the body carries a registry error.
     #[error("{0}")]
     Registry(String),
+    /// A plain HTTP(S) download (`docker import <URL>`) got an error status:
+    /// Docker's `failed to GET <url> with status 404 Not Found: <body>`.
+    /// The API answers 400, 401, 403 and 404 with the same status, as dockerd.
+    #[error("{message}")]
+    HttpStatus { status: u16, message: String },
+    /// A URL that does not parse: `parse "<url>": <reason>`.
+    #[error("{0}")]
+    InvalidUrl(String),
+    /// The host of a download's URL does not resolve (dockerd answers 404).
+    #[error("{0}")]
+    UnknownHost(String),
     /// Connecting, TLS, or reading failed. `context` is Go-like
     /// (`Get "https://registry-1.docker.io/v2/"`), `message` the cause chain.
     #[error("{context}: {message}")]
