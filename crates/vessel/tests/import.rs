@@ -155,23 +155,6 @@ fn ok_route(body: Vec<u8>, length: Length) -> Route {
     }
 }
 
-/// Every file of the image store but its (possibly empty) tag table.
-fn store_files(d: &Daemon) -> Vec<std::path::PathBuf> {
-    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if !p.ends_with("repositories.json") {
-                out.push(p);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&d.data_root().join("image"), &mut out);
-    out
-}
-
 #[test]
 fn import_from_a_url() {
     let rootfs = common::busybox_rootfs(&[("/etc/motd", "from the web\n")]);
@@ -409,6 +392,6 @@ fn import_url_errors_leave_nothing() {
     assert!(!stderr(&out).trim().is_empty());
 
     assert_eq!(d.ok(&["images", "-a", "-q"]), "");
-    let left = store_files(&d);
+    let left = d.image_store_files();
     assert!(left.is_empty(), "store not empty: {left:?}");
 }

@@ -1,7 +1,7 @@
 //! Images and registries with the real docker CLI: push, pull (by tag, by
 //! digest, through a mirror), login, save/load between daemons, history,
-//! prune and system df. The registry is Debian's `docker-registry` on
-//! loopback.
+//! prune and system df; a registry over TLS with a CA of the test's own.
+//! The registry is Debian's `docker-registry` on loopback.
 
 mod common;
 
@@ -21,6 +21,11 @@ struct Registry {
 impl Registry {
     /// A registry on a free loopback port; with `basic`, htpasswd auth.
     fn start(basic: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(basic, None)
+    }
+
+    /// With `tls` (certificate and key, PEM), HTTPS only.
+    fn start_with(basic: Option<(&str, &str)>, tls: Option<(&str, &str)>) -> Registry {
         assert!(
             std::path::Path::new(REGISTRY_BIN).is_file(),
             "{REGISTRY_BIN} is missing: run scripts/setup.sh"
@@ -34,6 +39,17 @@ impl Registry {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
+        // Under `http:`, so before `auth:`.
+        if let Some((cert, key)) = tls {
+            let (cp, kp) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&cp, cert).expect("certificate");
+            std::fs::write(&kp, key).expect("key");
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cp.display(),
+                kp.display()
+            ));
+        }
         if let Some((user, pass)) = basic {
             let hash = bcrypt::hash(pass, 4).expect("bcrypt");
             let hp = dir.path().join("htpasswd");
@@ -187,4 +203,100 @@ fn login_then_push_and_pull_with_credentials() {
     assert!(d.ok(&["push", &name]).contains("Pushed"));
     d.ok(&["rmi", "busybox", &name]);
     assert!(d.ok(&["pull", &name]).contains("Pull complete"));
+}
+
+/// A CA of the test's own and a certificate it signed for 127.0.0.1 and
+/// localhost: (CA, certificate, key), PEM.
+fn test_ca() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "vessel test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("params");
+    p.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    let cert = p.signed_by(&key, &ca_cert, &ca_key).expect("certificate");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn tls_registry_trusted_through_the_certs_dir() {
+    let (ca, cert, key) = test_ca();
+    let reg = Registry::start_with(Some(("alice", "s3cret")), Some((&cert, &key)));
+    let host = reg.host();
+    // dockerd's /etc/docker/certs.d/<host:port>/ca.crt, here a directory of
+    // the test's own.
+    let certs = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(certs.path().join(&host)).expect("certs.d entry");
+    std::fs::write(certs.path().join(&host).join("ca.crt"), &ca).expect("ca.crt");
+    let certs_dir = certs.path().to_str().expect("utf-8");
+    // Loopback registries are insecure by default, as in dockerd; these
+    // daemons verify them like any other.
+    let strict = [
+        "--warm-vms",
+        "0",
+        "--insecure-loopback-registries=false",
+        "--registry-certs-dir",
+    ];
+    let d = Daemon::start_with(&[&strict[..], &[certs_dir]].concat());
+    d.load_busybox(&["busybox:latest"]);
+    let name = format!("{host}/secure/bb:1");
+    d.ok(&["tag", "busybox", &name]);
+    let out = d.docker_in(
+        &["login", "-u", "alice", "--password-stdin", &host],
+        b"s3cret\n",
+    );
+    assert!(stdout(&out).contains("Login Succeeded"), "{}", stderr(&out));
+    let out = d.ok(&["push", &name]);
+    assert!(out.contains("Pushed"), "{out}");
+    d.ok(&["rmi", "busybox", &name]);
+    assert_eq!(d.ok(&["images", "-q"]), "");
+    let out = d.ok(&["pull", &name]);
+    assert!(out.contains("Pull complete"), "{out}");
+    assert_eq!(
+        d.ok(&["run", "--rm", &name, "echo", "over tls"]),
+        "over tls\n"
+    );
+
+    // A daemon without the CA: the certificate does not verify, and
+    // nothing is stored.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let other =
+        Daemon::start_with(&[&strict[..], &[empty.path().to_str().expect("utf-8")]].concat());
+    let out = other.docker_in(
+        &["login", "-u", "alice", "--password-stdin", &host],
+        b"s3cret\n",
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let x509 = "tls: failed to verify certificate: x509: certificate signed by unknown authority";
+    assert!(stderr(&out).contains(x509), "{}", stderr(&out));
+    let out = other.docker(&["pull", &name]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!("Get \"https://{host}/v2/\": {x509}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(other.ok(&["images", "-a", "-q"]), "");
+    let left = other.image_store_files();
+    assert!(left.is_empty(), "store not empty: {left:?}");
+
+    // By default loopback is insecure, as in dockerd: no verification.
+    let lax = Daemon::start_with(&[
+        "--warm-vms",
+        "0",
+        "--registry-certs-dir",
+        empty.path().to_str().expect("utf-8"),
+    ]);
+    let out = lax.docker_in(
+        &["login", "-u", "alice", "--password-stdin", &host],
+        b"s3cret\n",
+    );
+    assert!(stdout(&out).contains("Login Succeeded"), "{}", stderr(&out));
+    assert!(lax.ok(&["pull", &name]).contains("Pull complete"));
 }
