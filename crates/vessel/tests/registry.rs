@@ -1,14 +1,19 @@
 //! Images and registries with the real docker CLI: push, pull (by tag, by
 //! digest, through a mirror), login, save/load between daemons, history,
-//! prune and system df; a registry over TLS with a CA of the test's own.
-//! The registry is Debian's `docker-registry` on loopback.
+//! prune and system df; a registry over TLS with a CA of the test's own;
+//! a daemon killed in the middle of a pull. The registry is Debian's
+//! `docker-registry` on loopback.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{stderr, stdout, Daemon};
+use common::{stderr, stdout, Daemon, ImageSpec};
 
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
@@ -299,4 +304,173 @@ fn tls_registry_trusted_through_the_certs_dir() {
     );
     assert!(stdout(&out).contains("Login Succeeded"), "{}", stderr(&out));
     assert!(lax.ok(&["pull", &name]).contains("Pull complete"));
+}
+
+/// A loopback TCP proxy in front of `upstream` whose answers are slowed to
+/// `rate` bytes a second (0: as fast as they come), counting what it
+/// forwarded to its clients.
+struct SlowProxy {
+    port: u16,
+    rate: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SlowProxy {
+    fn start(upstream: u16, rate: u64) -> SlowProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().expect("local addr").port();
+        let rate = Arc::new(AtomicU64::new(rate));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, f, st) = (rate.clone(), forwarded.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (r, f) = (r.clone(), f.clone());
+                if let (Ok(mut c_in), Ok(mut s_out)) = (client.try_clone(), server.try_clone()) {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_in, &mut s_out);
+                        let _ = s_out.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+                std::thread::spawn(move || slow_copy(server, client, &r, &f));
+            }
+        });
+        SlowProxy {
+            port,
+            rate,
+            forwarded,
+            stop,
+        }
+    }
+}
+
+fn slow_copy(mut from: TcpStream, mut to: TcpStream, rate: &AtomicU64, forwarded: &AtomicU64) {
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        forwarded.fetch_add(n as u64, Ordering::SeqCst);
+        let r = rate.load(Ordering::SeqCst);
+        if r > 0 {
+            std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// `n` bytes of text that do not compress much (hex of a hash chain).
+fn incompressible(n: usize) -> String {
+    use sha2::Digest;
+    let mut out = String::with_capacity(n + 64);
+    let mut h = sha2::Sha256::digest(b"vessel");
+    while out.len() < n {
+        out.push_str(&hex::encode(h));
+        h = sha2::Sha256::digest(h);
+    }
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn daemon_killed_in_the_middle_of_a_pull() {
+    let reg = Registry::start(None);
+    let blob = incompressible(3 << 20);
+    let blob_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(blob.as_bytes()))
+    };
+    let mut d = Daemon::start_with(&["--warm-vms", "0"]);
+    let direct = format!("{}/crash/big:1", reg.host());
+    let archive = common::write(
+        d.dir.path(),
+        "big.tar",
+        &common::docker_save(&[ImageSpec {
+            tags: &[&direct],
+            cmd: &["sh"],
+            files: &[("/data/blob", &blob)],
+            ..Default::default()
+        }]),
+    );
+    d.ok(&["load", "-i", archive.to_str().expect("utf-8")]);
+    d.ok(&["push", &direct]);
+    d.ok(&["rmi", &direct]);
+    assert_eq!(d.ok(&["images", "-a", "-q"]), "");
+
+    // The same registry behind a proxy that lets ~128 kB/s through: the
+    // ~2.5 MB layer takes a while.
+    let proxy = SlowProxy::start(reg.port, 128 * 1024);
+    let name = format!("127.0.0.1:{}/crash/big:1", proxy.port);
+    let pull = d
+        .docker_cmd(&["pull", &name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker pull");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while proxy.forwarded.load(Ordering::SeqCst) < 600 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the pull did not start: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Mid-way: a partial layer is being written in the store's staging area.
+    let staged = d.data_root().join("image").join("tmp");
+    assert!(
+        std::fs::read_dir(&staged).map(|r| r.count()).unwrap_or(0) > 0,
+        "nothing staged"
+    );
+    d.kill9();
+    let out = pull.wait_with_output().expect("docker pull");
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let sent = proxy.forwarded.load(Ordering::SeqCst);
+
+    // Restarted on the same data root: no image, half or whole, and the
+    // staging area is empty.
+    d.restart();
+    assert_eq!(d.ok(&["images", "-a", "-q"]), "");
+    let out = d.docker(&["image", "inspect", &name]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("No such image"), "{}", stderr(&out));
+    let left = d.image_store_files();
+    assert!(left.is_empty(), "store not empty: {left:?}");
+
+    // Pulled again at full speed, the image is whole and runs.
+    proxy.rate.store(0, Ordering::SeqCst);
+    let out = d.ok(&["pull", &name]);
+    assert!(out.contains("Pull complete"), "{out}");
+    assert!(
+        out.contains(&format!("Downloaded newer image for {name}")),
+        "{out}"
+    );
+    let whole = proxy.forwarded.load(Ordering::SeqCst) - sent;
+    assert!(
+        sent < whole / 2,
+        "the first pull was not cut short: {sent} of {whole} bytes"
+    );
+    assert_eq!(
+        d.ok(&["run", "--rm", &name, "sha256sum", "/data/blob"]),
+        format!("{blob_sha}  /data/blob\n")
+    );
 }
