@@ -1,5 +1,5 @@
 //! Registry and image-maintenance endpoints: pull (`POST /images/create`
-//! with `fromImage`), push, `POST /auth`, history, save (`GET
+//! with `fromImage`), import from a URL (`fromSrc=<URL>`), push, `POST /auth`, history, save (`GET
 //! /images/{name}/get`, `GET /images/get`), prune, `GET /system/df`, and
 //! the filters of `GET /images/json`.
 //!
@@ -28,11 +28,16 @@ impl From<RegistryError> for ApiError {
             other => other,
         };
         let status = match &e {
-            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::NotFound(_) | RegistryError::UnknownHost(_) => StatusCode::NOT_FOUND,
             RegistryError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RegistryError::InvalidReference(_)
             | RegistryError::InvalidCredentials(_)
+            | RegistryError::InvalidUrl(_)
             | RegistryError::NoMatchingPlatform(_) => StatusCode::BAD_REQUEST,
+            // dockerd keeps these four statuses of a download; others are 500.
+            RegistryError::HttpStatus { status, .. } if matches!(status, 400 | 401 | 403 | 404) => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
@@ -171,6 +176,73 @@ pub(crate) async fn pull(s: &AppState, q: &Query, headers: &HeaderMap) -> ApiRes
         })
     })
     .await
+}
+
+/// `POST /images/create?fromSrc=<URL>` (`docker import <URL>`), as
+/// dockerd: the tag is checked, the archive fetched (a failure to reach it
+/// or an error status is the HTTP answer: 400, 401, 403 and 404 kept, 500
+/// otherwise), then the stream says `Downloading from <url>`, reports
+/// `Importing` progress as the body is read into the store, and ends with
+/// the image id or the error. The store stages everything and commits only
+/// a whole image.
+pub(crate) async fn import_url(
+    s: &AppState,
+    src: &str,
+    reference: Option<String>,
+    changes: Vec<String>,
+    message: String,
+) -> ApiResult<Response> {
+    if let Some(r) = &reference {
+        vessel_image::Reference::parse_new_tag(r)?;
+    }
+    let comment = if message.is_empty() {
+        format!("Imported from {src}")
+    } else {
+        message
+    };
+    let download = vessel_registry::open_archive(src).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    send_progress(
+        &tx,
+        Progress::DownloadingFrom {
+            url: download.url().to_string(),
+        },
+    );
+    let progress_tx = tx.clone();
+    let body = download.into_stream(move |p| send_progress(&progress_tx, p));
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
+    let images = s.engine.images();
+    let engine = s.engine.clone();
+    tokio::spawn(async move {
+        let done = tokio::task::spawn_blocking(move || {
+            images.import(reader, reference.as_deref(), &changes, &comment)
+        })
+        .await;
+        let last = match done {
+            Ok(Ok(id)) => {
+                image_event(&engine, "import", &id);
+                json!({ "status": id })
+            }
+            Ok(Err(e)) => error_line(&ApiError::from(e).message),
+            Err(e) => error_line(&e.to_string()),
+        };
+        let _ = tx.send(last);
+    });
+    Ok(lines_body(rx))
+}
+
+/// A JSON-lines response of everything sent on `rx` until its senders are gone.
+fn lines_body(mut rx: tokio::sync::mpsc::UnboundedReceiver<Value>) -> Response {
+    let body = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|v| {
+        let mut b = serde_json::to_vec(&v).unwrap_or_default();
+        b.push(b'\n');
+        Ok::<_, std::io::Error>(b)
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// `POST /images/{name}/push?tag=…`: one tag, or every tag of the

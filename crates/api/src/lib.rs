@@ -695,9 +695,6 @@ async fn images_create(State(s): State<AppState>, req: Request) -> ApiResult<Res
     if q.get("fromImage").is_some() {
         return images::pull(&s, &q, req.headers()).await;
     }
-    if q.get("fromSrc") != Some("-") {
-        return Err(ApiError::bad("importing from a URL is not supported; send the archive as the request body (fromSrc=-)"));
-    }
     let repo = q.get("repo").unwrap_or("").to_string();
     let tag = q.get("tag").unwrap_or("").to_string();
     let reference = match (repo.is_empty(), tag.is_empty()) {
@@ -707,6 +704,10 @@ async fn images_create(State(s): State<AppState>, req: Request) -> ApiResult<Res
     };
     let changes = q.all("changes");
     let message = q.get("message").unwrap_or("").to_string();
+    let src = q.get("fromSrc").unwrap_or("");
+    if src != "-" {
+        return images::import_url(&s, src, reference, changes, message).await;
+    }
     let images = s.engine.images();
     let reader = body_reader(req.into_body());
     let id = tokio::task::spawn_blocking(move || {

@@ -213,6 +213,19 @@ impl Reference {
         })
     }
 
+    /// A reference to tag a new image with (`docker import`, `docker
+    /// commit`): parsed as [`Reference::parse`], a digest refused, the tag
+    /// `latest` by default.
+    pub fn parse_new_tag(s: &str) -> Result<Reference> {
+        let r = Reference::parse(s)?;
+        if r.digest.is_some() {
+            return Err(Error::InvalidReference(
+                "refusing to create a tag with a digest reference".into(),
+            ));
+        }
+        Ok(r.with_default_tag())
+    }
+
     /// `TagNameOnly`: add `latest` when neither a tag nor a digest is given.
     pub fn with_default_tag(mut self) -> Reference {
         if self.tag.is_none() && self.digest.is_none() {

@@ -1216,15 +1216,7 @@ fn assert_send_sync() {
 /// reference; a digest reference cannot be a tag.
 fn new_image_tag(reference: Option<&str>) -> Result<Option<Reference>> {
     match reference {
-        Some(r) if !r.is_empty() => {
-            let r = Reference::parse(r)?;
-            if r.digest.is_some() {
-                return Err(Error::InvalidReference(
-                    "refusing to create a tag with a digest reference".into(),
-                ));
-            }
-            Ok(Some(r.with_default_tag()))
-        }
+        Some(r) if !r.is_empty() => Ok(Some(Reference::parse_new_tag(r)?)),
         _ => Ok(None),
     }
 }

@@ -31,7 +31,8 @@ use crate::auth::{fetch_token, parse_challenge, Challenge, Credentials, TokenReq
 use crate::config::{Endpoint, RegistryConfig};
 use crate::error::{Error, Result};
 
-const USER_AGENT: &str = concat!("vessel/", env!("CARGO_PKG_VERSION"), " (docker-compatible)");
+pub(crate) const USER_AGENT: &str =
+    concat!("vessel/", env!("CARGO_PKG_VERSION"), " (docker-compatible)");
 
 /// Builds and caches one HTTP client per (registry host, TLS verification).
 pub(crate) struct Http {

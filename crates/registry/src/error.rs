@@ -53,6 +53,17 @@ pub enum Error {
     /// `<code>: <message>` when the body carries a registry error.
     #[error("{0}")]
     Registry(String),
+    /// A plain HTTP(S) download (`docker import <URL>`) got an error status:
+    /// Docker's `failed to GET <url> with status 404 Not Found: <body>`.
+    /// The API answers 400, 401, 403 and 404 with the same status, as dockerd.
+    #[error("{message}")]
+    HttpStatus { status: u16, message: String },
+    /// A URL that does not parse: `parse "<url>": <reason>`.
+    #[error("{0}")]
+    InvalidUrl(String),
+    /// The host of a download's URL does not resolve (dockerd answers 404).
+    #[error("{0}")]
+    UnknownHost(String),
     /// Connecting, TLS, or reading failed. `context` is Go-like
     /// (`Get "https://registry-1.docker.io/v2/"`), `message` the cause chain.
     #[error("{context}: {message}")]
@@ -65,7 +76,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn transport(context: impl Into<String>, e: &dyn std::error::Error) -> Error {
+    pub(crate) fn transport(
+        context: impl Into<String>,
+        e: &(dyn std::error::Error + 'static),
+    ) -> Error {
         Error::Transport {
             context: context.into(),
             message: error_chain(e),
@@ -78,11 +92,17 @@ impl Error {
     }
 }
 
-/// `a: b: c` from an error and its sources, without repeated parts.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+/// `a: b: c` from an error and its sources, without repeated parts; a
+/// certificate that does not verify in Go's words, as dockerd reports it
+/// (`tls: failed to verify certificate: x509: certificate signed by
+/// unknown authority`).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
+        if let Some(text) = tls_text(err) {
+            return text;
+        }
         let s = err.to_string();
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
@@ -90,4 +110,54 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = err.source();
     }
     parts.join(": ")
+}
+
+/// The rustls error inside `e`: itself, or the payload of an `io::Error`
+/// (perhaps wrapped in another: `source()` skips payloads), in the words of
+/// Go's `crypto/tls`.
+fn tls_text(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+        find(inner)
+    }
+    let tls = find(e)?;
+    use rustls::CertificateError as C;
+    Some(match tls {
+        rustls::Error::InvalidCertificate(c) => {
+            let why = match c {
+                C::UnknownIssuer => "certificate signed by unknown authority".to_string(),
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => {
+                    "certificate has expired or is not yet valid".to_string()
+                }
+                other => other.to_string(),
+            };
+            format!("tls: failed to verify certificate: x509: {why}")
+        }
+        other => format!("tls: {other}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_errors_read_like_go() {
+        let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, unknown);
+        // As reqwest hands it over: tokio-rustls's error inside another.
+        let io = std::io::Error::other(io);
+        assert_eq!(
+            error_chain(&io),
+            "tls: failed to verify certificate: x509: certificate signed by unknown authority"
+        );
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(error_chain(&plain), "refused");
+    }
 }

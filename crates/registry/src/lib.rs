@@ -8,7 +8,9 @@
 //! streaming, platform selection, and pushing (blob existence checks,
 //! cross-repository mounts, chunked uploads, schema 2 manifests). Progress is
 //! reported as typed [`Progress`] events that map one to one onto Docker's
-//! JSON progress messages ([`Progress::to_docker_json`]).
+//! JSON progress messages ([`Progress::to_docker_json`]). It also fetches
+//! the archives of `docker import <URL>` ([`open_archive`]): the same HTTP
+//! stack, errors and progress, though no registry is involved.
 //!
 //! It must not do: serve HTTP (the API crate turns [`Progress`] and [`Error`]
 //! into Engine API responses), hold container state, or know the image store's
@@ -30,6 +32,7 @@ mod manifest;
 mod progress;
 mod pull;
 mod push;
+mod remote;
 
 use std::sync::Arc;
 
@@ -43,6 +46,7 @@ pub use manifest::Platform;
 pub use progress::{human_size, Progress};
 pub use pull::{PullOutcome, PullStatus, MAX_ATTEMPTS, MAX_CONCURRENT_DOWNLOADS};
 pub use push::{PushOutcome, CHUNK_SIZE, MAX_CONCURRENT_UPLOADS};
+pub use remote::{archive_url, open_archive, ArchiveStream, Download};
 
 /// A registry client with its configuration and cached HTTP clients.
 pub struct Registry {

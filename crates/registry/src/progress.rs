@@ -23,10 +23,13 @@
 //! | `LayerAlreadyExists{id}` | `{"status":"Layer already exists","progressDetail":{},"id":id}` |
 //! | `MountedFrom{id,from}` | `{"status":"Mounted from <from>","progressDetail":{},"id":id}` |
 //! | `PushDigest{tag,digest,size}` | `{"status":"<tag>: digest: sha256:... size: N"}` then `{"progressDetail":{},"aux":{"Tag":tag,"Digest":digest,"Size":N}}` |
+//! | `DownloadingFrom{url}` | `{"status":"Downloading from <url>"}` |
+//! | `Importing{current,total}` | `{"status":"Importing","progressDetail":{"current":c,"total":t},"progress":"[==>  ] 1.2MB/3.4MB"}` |
 //!
 //! [`Progress::to_docker_json`] produces exactly these. Pull layer ids are the
 //! first 12 hex digits of the compressed blob digest; push layer ids those of
-//! the diff id (as Docker shows them). Errors are not events: the API layer
+//! the diff id (as Docker shows them). The last two are `docker import
+//! <URL>`'s, which have no id. Errors are not events: the API layer
 //! turns the returned error into `{"errorDetail":{"message":m},"error":m}`.
 
 use serde::{Deserialize, Serialize};
@@ -122,6 +125,16 @@ pub enum Progress {
         tag: String,
         digest: String,
         size: u64,
+    },
+    // ---- import from a URL ----
+    /// The archive's server answered; its body is being read.
+    DownloadingFrom {
+        url: String,
+    },
+    /// Bytes of the archive read so far; `total` is its `Content-Length`.
+    Importing {
+        current: u64,
+        total: Option<u64>,
     },
 }
 
@@ -229,6 +242,14 @@ impl Progress {
                 json!({"status": format!("{tag}: digest: {digest} size: {size}")}),
                 json!({"progressDetail": {}, "aux": {"Tag": tag, "Digest": digest, "Size": size}}),
             ],
+            P::DownloadingFrom { url } => one(json!({"status": format!("Downloading from {url}")})),
+            P::Importing { current, total } => {
+                let mut v = with_progress("Importing", "", *current, *total);
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("id");
+                }
+                one(v)
+            }
         }
     }
 }
@@ -284,5 +305,20 @@ mod tests {
             json!({"status": "Pulling from library/busybox", "id": "latest"})
         );
         assert_eq!(short_id("sha256:0123456789abcdef"), "0123456789ab");
+        let i = &Progress::Importing {
+            current: 5,
+            total: Some(10),
+        }
+        .to_docker_json()[0];
+        assert_eq!(i["status"], "Importing");
+        assert_eq!(i["progressDetail"], json!({"current": 5, "total": 10}));
+        assert!(i.get("id").is_none(), "{i}");
+        assert_eq!(
+            Progress::DownloadingFrom {
+                url: "http://127.0.0.1:8000/rootfs.tar".into()
+            }
+            .to_docker_json()[0],
+            json!({"status": "Downloading from http://127.0.0.1:8000/rootfs.tar"})
+        );
     }
 }

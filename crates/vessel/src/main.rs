@@ -57,6 +57,12 @@ struct DaemonArgs {
     /// /etc/docker/certs.d for dockerd.
     #[arg(long = "registry-certs-dir", default_value = "/etc/vessel/certs.d")]
     registry_certs_dir: PathBuf,
+    /// Treat registries on loopback (127.0.0.0/8, ::1, `localhost`) as
+    /// insecure, as dockerd always does (HTTPS without verification, then
+    /// plain HTTP). `=false` verifies their TLS like any other registry's,
+    /// with the system roots and the CAs of --registry-certs-dir.
+    #[arg(long = "insecure-loopback-registries", default_value_t = true, action = clap::ArgAction::Set)]
+    insecure_loopback_registries: bool,
     /// Directory holding the guest kernel (`vmlinux`, `release`) and agent (`vessel-init`).
     #[arg(
         long = "guest-dir",
@@ -167,7 +173,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         mirrors,
         insecure_registries: insecure,
         certs_dir: Some(args.registry_certs_dir.clone()),
-        ..Default::default()
+        insecure_loopback: args.insecure_loopback_registries,
     };
     let cfg = EngineConfig {
         data_root: data_root.clone(),

@@ -194,6 +194,25 @@ impl Daemon {
         }
     }
 
+    /// Every file of the daemon's image store but its tables of tags and of
+    /// registry blobs (which an empty store may have): what a failed import
+    /// or pull must not leave.
+    pub fn image_store_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if !p.ends_with("repositories.json") && !p.ends_with("distribution.json") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.data_root().join("image"), &mut out);
+        out
+    }
+
     /// One HTTP/1.1 request over the socket; returns status, headers (lower-case names) and body.
     pub fn http(
         &self,
