@@ -841,6 +841,19 @@ fn warm_up(root: &std::path::Path) {
     if let Err(e) = rootfs::write_etc(root, "localhost", &[]) {
         crate::log!("warm-up: {e}");
     }
+    // The network set-up a container start does, on slot 0 with a
+    // link-local address, then undone. A warm VM's taps are on no bridge,
+    // so nothing it might send goes anywhere.
+    let probe = vessel_protocol::InterfaceSpec {
+        slot: 0,
+        mac: vessel_protocol::slot_mac(0),
+        address: "169.254.86.83".into(),
+        prefix: 16,
+        gateway: Some("169.254.0.1".into()),
+    };
+    if let Err(e) = crate::net::apply(&[probe]).and_then(|()| crate::net::apply(&[])) {
+        crate::log!("warm-up: network: {e}");
+    }
     let Ok(user) = user::resolve_in_root(std::path::Path::new("/"), "0:0") else {
         return;
     };
