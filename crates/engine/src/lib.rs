@@ -1616,15 +1616,22 @@ impl Engine {
         let id = h.id.clone();
         let name = h.rec().vm_name().to_string();
         let run_started = std::time::Instant::now();
-        let mut log = match log_driver(&h.rec().host_config) {
-            Ok(Some(rotation)) => match logs::LogWriter::open(&self.log_path(&id), rotation) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    warn!(%id, "cannot open log file: {e}");
-                    None
+        let rec = h.rec();
+        let mut log = match log_driver(&rec.host_config).and_then(|r| Ok((r, log_attrs(&rec)?))) {
+            Ok((Some(rotation), attrs)) => {
+                match logs::LogWriter::open(&self.log_path(&id), rotation, attrs) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!(%id, "cannot open log file: {e}");
+                        None
+                    }
                 }
-            },
-            _ => None,
+            }
+            Ok((None, _)) => None,
+            Err(e) => {
+                warn!(%id, "log options: {e}");
+                None
+            }
         };
         // Output the agent replayed before reporting an earlier exit.
         while exited.is_some() && reader.queued() > 0 {
@@ -2506,14 +2513,32 @@ fn log_driver(hc: &HostConfig) -> Result<Option<logs::Rotation>, EngineError> {
                 ));
             }
             for k in opts.keys() {
-                if !["max-size", "max-file", "compress", "labels", "env", "tag"]
-                    .contains(&k.as_str())
+                if ![
+                    "max-size",
+                    "max-file",
+                    "compress",
+                    "labels",
+                    "labels-regex",
+                    "env",
+                    "env-regex",
+                    "tag",
+                ]
+                .contains(&k.as_str())
                 {
                     return Err(EngineError::InvalidParameter(format!(
                         "unknown log opt '{k}' for json-file log driver"
                     )));
                 }
             }
+            if opts.get("compress").is_some_and(|v| v == "true") {
+                return Err(EngineError::InvalidParameter(
+                    "log opt compress=true is not supported: rotated json-file logs are kept uncompressed".into(),
+                ));
+            }
+            // The regular expressions and the tag template, checked now
+            // rather than at the first start.
+            logs::extra_attributes(&opts, &HashMap::new(), &[], &logs::TagInfo::default())
+                .map_err(EngineError::InvalidParameter)?;
             Ok(Some(logs::Rotation { max_size, max_file }))
         }
         "none" => Ok(None),
@@ -2521,6 +2546,36 @@ fn log_driver(hc: &HostConfig) -> Result<Option<logs::Rotation>, EngineError> {
             "logger: no log driver named '{other}' is registered"
         ))),
     }
+}
+
+/// The extra attributes each log entry of `rec` carries (see
+/// [`logs::extra_attributes`]).
+fn log_attrs(
+    rec: &ContainerRecord,
+) -> Result<std::collections::BTreeMap<String, String>, EngineError> {
+    let opts = rec
+        .host_config
+        .log_config
+        .as_ref()
+        .and_then(|l| l.config.clone())
+        .unwrap_or_default();
+    let mut command = vec![rec.path.clone()];
+    command.extend(rec.args.iter().cloned());
+    let tag = logs::TagInfo {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        image_id: rec.image_id.clone(),
+        image_name: rec.image.clone(),
+        hostname: rec.config.hostname.clone().unwrap_or_default(),
+        command: command.join(" "),
+    };
+    logs::extra_attributes(
+        &opts,
+        rec.config.labels.as_ref().unwrap_or(&HashMap::new()),
+        rec.config.env.as_deref().unwrap_or(&[]),
+        &tag,
+    )
+    .map_err(EngineError::InvalidParameter)
 }
 
 fn entry_time(e: &LogEntry) -> Option<f64> {
