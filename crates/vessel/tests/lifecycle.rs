@@ -346,7 +346,10 @@ fn logs_details_show_the_extra_attributes_the_log_options_name() {
     let out = d.docker(&["logs", "--details", "tagged"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let prefix = "RACK=7,REGION=eu,tag=tagged,team=web+ops ";
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{prefix}one\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{prefix}one\n")
+    );
     assert_eq!(stderr(&out), format!("{prefix}two\n"));
     // Without --details the lines are as they were written.
     assert_eq!(d.ok(&["logs", "tagged"]), "one\n");
