@@ -340,7 +340,7 @@ async fn info(State(s): State<AppState>) -> axum::Json<SystemInfo> {
         cpu_cfs_period: Some(false),
         cpu_cfs_quota: Some(false),
         cpu_shares: Some(false),
-        cpu_set: Some(false),
+        cpu_set: Some(true),
         pids_limit: Some(false),
         oom_kill_disable: Some(false),
         ipv4_forwarding: Some(false),

@@ -1781,6 +1781,10 @@ impl Engine {
         for e in self.execs_of(&id) {
             e.finish(137, Some(format!("container {id} stopped")));
         }
+        if oom {
+            // dockerd reports the kill before the exit.
+            self.container_event(&rec, "oom", &[]);
+        }
         self.container_event(&rec, "die", &[("exitCode", code.to_string())]);
         let _ = h.output.send(Output::End);
         h.log_version.send_modify(|v| *v += 1);

@@ -35,6 +35,46 @@ fn a_process_beyond_its_memory_is_oom_killed() {
         ),
         "true 137 exited"
     );
+    // `docker events` has the kill before the exit, as with dockerd.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs()
+        + 1;
+    let events = d.ok(&[
+        "events",
+        "--since",
+        "0",
+        "--until",
+        &until.to_string(),
+        "--filter",
+        "container=hog",
+        "--format",
+        "{{.Action}}",
+    ]);
+    let actions: Vec<&str> = events
+        .lines()
+        .filter(|a| ["oom", "die"].contains(a))
+        .collect();
+    assert_eq!(actions, ["oom", "die"], "{events}");
+    // As with Docker, the kill of any process of the container counts,
+    // also when the main process lives on.
+    let out = d.ok(&[
+        "run",
+        "--name",
+        "parent",
+        "-m",
+        "64m",
+        "busybox",
+        "sh",
+        "-c",
+        "tail /dev/zero; echo tail ended $?",
+    ]);
+    assert_eq!(out, "tail ended 137\n");
+    assert_eq!(
+        inspect(&d, "parent", "{{.State.OOMKilled}} {{.State.ExitCode}}"),
+        "true 0"
+    );
     // A process that stays within its memory is not reported as OOM-killed.
     d.ok(&["run", "--name", "fits", "-m", "64m", "busybox", "true"]);
     assert_eq!(
