@@ -759,14 +759,10 @@ impl Engine {
             true,
         )?;
         // As in Docker, zero (or empty) means "leave as it is".
+        let mut swap_conflict = false;
         if let Some(m) = body.memory.filter(|m| *m != 0) {
             let swap = hc.memory_swap.unwrap_or(0);
-            if swap > 0 && m > swap && body.memory_swap.unwrap_or(0) == 0 {
-                return Err(EngineError::Conflict(format!(
-                    "Cannot update container {}: Memory limit should be smaller than already set memoryswap limit, update the memoryswap at the same time",
-                    rec.id
-                )));
-            }
+            swap_conflict = swap > 0 && m > swap && body.memory_swap.unwrap_or(0) == 0;
             hc.memory = Some(m);
         }
         if let Some(sw) = body.memory_swap.filter(|s| *s != 0) {
@@ -779,6 +775,15 @@ impl Engine {
             hc.cpuset_cpus = Some(c);
         }
         let shape = self.shape(&hc, true)?;
+        // dockerd checks the values first (400), then what they would
+        // change (409).
+        if swap_conflict {
+            return Err(EngineError::Conflict(format!(
+                "Cannot update container {}: Memory limit should be smaller than already set memoryswap limit, update the memoryswap at the same time",
+                rec.id
+            )));
+        }
+        resources::check_memory_swap(hc.memory.unwrap_or(0), hc.memory_swap.unwrap_or(0), true)?;
         let reshaped = shape.memory_mib != rec.vm.memory_mib || shape.vcpus != rec.vm.vcpus;
         if reshaped && rec.running() {
             return Err(EngineError::InvalidParameter(format!(
@@ -1181,8 +1186,8 @@ impl Engine {
     }
 
     /// The VM a container's resource flags ask for, checked in dockerd's
-    /// order: memory, swap, CPUs, CPU set. `update`: the swap limit may
-    /// come without a memory limit.
+    /// order: memory, swap, CPUs, CPU set. `update` leaves the swap limit
+    /// to the caller, which checks it in dockerd's order for an update.
     fn shape(&self, hc: &HostConfig, update: bool) -> Result<VmShape, EngineError> {
         let memory = hc.memory.unwrap_or(0);
         if memory < 0 {
@@ -1200,7 +1205,9 @@ impl Engine {
                 "Minimum memory limit allowed is {MIN_MEMORY_MIB}MB: a container is a VM whose kernel needs it"
             )));
         }
-        resources::check_memory_swap(memory, hc.memory_swap.unwrap_or(0), update)?;
+        if !update {
+            resources::check_memory_swap(memory, hc.memory_swap.unwrap_or(0), false)?;
+        }
         let host_cpus = std::thread::available_parallelism()
             .map(|n| n.get() as i64)
             .unwrap_or(1);

@@ -182,6 +182,20 @@ fn memory_swap_is_checked_and_recorded_as_dockerd_does() {
         ),
         format!("{} {}", 256 * mib, 512 * mib)
     );
+    // dockerd's statuses: a conflict with the recorded swap limit is a 409,
+    // a bad pair of values a 400.
+    let (status, _, body) = d.http(
+        "POST",
+        "/v1.50/containers/mem/update",
+        Some(r#"{"Memory":1073741824}"#),
+    );
+    assert_eq!(status, 409, "{body}");
+    let (status, _, body) = d.http(
+        "POST",
+        "/v1.50/containers/mem/update",
+        Some(r#"{"Memory":1073741824,"MemorySwap":536870912}"#),
+    );
+    assert_eq!(status, 400, "{body}");
     // The swap limit of a running container can change (its VM does not).
     d.ok(&[
         "run", "-d", "--name", "run1", "-m", "96m", "busybox", "sleep", "1000",
