@@ -533,7 +533,7 @@ impl Agent {
             &spec.restrictions.group_add,
         )?);
         let env = command::build_env(&spec.env, &spec.hostname, &user.home, spec.tty);
-        let oom_before = system::oom_kills();
+        let oom_before = crate::restrict::oom_kills();
         let spawned = process::start(&process::Launch {
             root: &root,
             args: &spec.args,
@@ -804,7 +804,7 @@ impl Agent {
         // No sync here: the host answers `Exited` with `Shutdown`, which
         // syncs before powering off (and a container removed with `--rm`
         // needs none).
-        let oom_killed = system::oom_kills() > oom_before;
+        let oom_killed = crate::restrict::oom_kills() > oom_before;
         crate::log!("process exited with {exit_code} (oom_killed={oom_killed})");
         let mut st = self.state();
         for (exec_id, e) in std::mem::take(&mut st.execs) {

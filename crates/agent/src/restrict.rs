@@ -1,8 +1,9 @@
 //! What the container's processes may do: Docker's capability set
 //! (`--cap-add`, `--cap-drop`, `--privileged`), `--ulimit`,
-//! `--security-opt no-new-privileges` and `--pids-limit` (a cgroup of the
-//! guest's), applied between fork and exec of the main process and of
-//! every exec.
+//! `--security-opt no-new-privileges`, and the guest cgroup every
+//! container process joins (`--pids-limit`, and a memory limit that keeps
+//! an out-of-memory kill inside the container), applied between fork and
+//! exec of the main process and of every exec.
 //!
 //! Everything is computed before the fork ([`Guard::new`]); the child only
 //! makes raw system calls on that data.
@@ -36,8 +37,8 @@ fn check(r: libc::c_long) -> io::Result<()> {
 }
 
 impl Guard {
-    /// Prepares `r`. With a pids limit, this makes the guest's cgroup
-    /// (once per VM; later calls find it).
+    /// Prepares `r` and makes the container's cgroup (once per VM; later
+    /// calls find it).
     pub fn new(r: &Restrictions) -> io::Result<Self> {
         let caps = r.capabilities.as_ref().map(|list| {
             list.iter()
@@ -64,10 +65,7 @@ impl Guard {
                 )
             })
             .collect();
-        let cgroup_procs = match r.pids_limit {
-            Some(limit) if limit > 0 => Some(pids_cgroup(limit)?),
-            _ => None,
-        };
+        let cgroup_procs = Some(container_cgroup(r.pids_limit)?);
         Ok(Self {
             caps,
             nnp: r.no_new_privileges,
@@ -174,9 +172,52 @@ impl Guard {
     }
 }
 
-/// Makes `/sys/fs/cgroup/container` with `pids.max = limit` and returns
-/// its `cgroup.procs`.
-fn pids_cgroup(limit: i64) -> io::Result<CString> {
+/// Memory the kernel and the agent keep outside the container's cgroup
+/// (slab, page tables, the agent's output buffers): a sixteenth of the
+/// VM's memory, at least 8 MiB.
+fn memory_reserve(total: u64) -> u64 {
+    (total / 16).max(8 << 20)
+}
+
+/// The container cgroup's `memory.max` for a guest whose `/proc/meminfo`
+/// is `meminfo`: what is available when the process starts, less the
+/// reserve. An out-of-memory kill then happens inside the container's
+/// cgroup; a kill by the whole guest could leave the kernel with nothing
+/// it may kill (the agent is init) and it would panic.
+pub fn memory_limit(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| -> Option<u64> {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    let total = field("MemTotal")?;
+    let available = field("MemAvailable")?;
+    Some(available.saturating_sub(memory_reserve(total)).max(4 << 20))
+}
+
+/// The `oom_kill` count of a cgroup's `memory.events` text (0 when absent).
+pub fn oom_kills_from_events(events: &str) -> u64 {
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Processes of the container the kernel killed for want of memory so far
+/// (the container cgroup's count; 0 before it exists). The guest kernel
+/// keeps no global event counters (`/proc/vmstat` has no `oom_kill`).
+pub fn oom_kills() -> u64 {
+    std::fs::read_to_string(Path::new(CGROUP_ROOT).join("container/memory.events"))
+        .map(|s| oom_kills_from_events(&s))
+        .unwrap_or(0)
+}
+
+/// Makes `/sys/fs/cgroup/container` (memory and pids controllers) with
+/// its memory limit and, when given, `pids.max = limit`; returns its
+/// `cgroup.procs`.
+fn container_cgroup(pids_limit: Option<i64>) -> io::Result<CString> {
     let root = Path::new(CGROUP_ROOT);
     let dir = root.join("container");
     if !dir.exists() {
@@ -191,12 +232,24 @@ fn pids_cgroup(limit: i64) -> io::Result<CString> {
             )
             .map_err(|e| io::Error::other(format!("mount cgroup2: {e}")))?;
         }
-        std::fs::write(root.join("cgroup.subtree_control"), "+pids")
-            .map_err(|e| io::Error::new(e.kind(), format!("enable the pids controller: {e}")))?;
+        std::fs::write(root.join("cgroup.subtree_control"), "+pids +memory").map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("enable the pids and memory controllers: {e}"),
+            )
+        })?;
         std::fs::create_dir(&dir)?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo")
+            .map_err(|e| io::Error::new(e.kind(), format!("read /proc/meminfo: {e}")))?;
+        let limit = memory_limit(&meminfo)
+            .ok_or_else(|| io::Error::other("no MemTotal or MemAvailable in /proc/meminfo"))?;
+        std::fs::write(dir.join("memory.max"), limit.to_string())
+            .map_err(|e| io::Error::new(e.kind(), format!("write memory.max: {e}")))?;
     }
-    std::fs::write(dir.join("pids.max"), limit.to_string())
-        .map_err(|e| io::Error::new(e.kind(), format!("write pids.max: {e}")))?;
+    if let Some(limit) = pids_limit.filter(|l| *l > 0) {
+        std::fs::write(dir.join("pids.max"), limit.to_string())
+            .map_err(|e| io::Error::new(e.kind(), format!("write pids.max: {e}")))?;
+    }
     CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes()).map_err(io::Error::other)
 }
 
@@ -214,4 +267,34 @@ pub fn resize_shm(root: &Path, bytes: u64) -> io::Result<()> {
         Some(format!("mode=1777,size={bytes}").as_str()),
     )
     .map_err(|e| io::Error::other(format!("--shm-size: remount {}: {e}", shm.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{memory_limit, oom_kills_from_events};
+
+    #[test]
+    fn oom_kills_are_read_from_memory_events() {
+        assert_eq!(
+            oom_kills_from_events("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n"),
+            1
+        );
+        assert_eq!(oom_kills_from_events("low 0\n"), 0);
+    }
+
+    #[test]
+    fn the_memory_limit_leaves_a_reserve_for_the_kernel_and_the_agent() {
+        // A 64 MiB VM: 8 MiB stay outside the container's cgroup.
+        let small = "MemTotal:          53988 kB\nMemFree:           31932 kB\nMemAvailable:      31532 kB\n";
+        assert_eq!(memory_limit(small), Some(31532 * 1024 - (8 << 20)));
+        // A 512 MiB VM: a sixteenth.
+        let big = "MemTotal:  500000 kB\nMemAvailable:  480000 kB\n";
+        assert_eq!(memory_limit(big), Some(480000 * 1024 - 500000 * 1024 / 16));
+        // Never below 4 MiB, never without the fields.
+        assert_eq!(
+            memory_limit("MemTotal: 20000 kB\nMemAvailable: 9000 kB\n"),
+            Some(4 << 20)
+        );
+        assert_eq!(memory_limit("MemFree: 1 kB\n"), None);
+    }
 }

@@ -34,24 +34,6 @@ pub fn transport_from_cmdline(cmdline: &str) -> TransportKind {
     kind
 }
 
-/// The `oom_kill` counter of a `/proc/vmstat` text (0 when absent).
-pub fn oom_kills_from_vmstat(vmstat: &str) -> u64 {
-    vmstat
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("oom_kill ")
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// The current `oom_kill` counter of the guest kernel.
-pub fn oom_kills() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .map(|s| oom_kills_from_vmstat(&s))
-        .unwrap_or(0)
-}
-
 /// `uname -r`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -233,14 +215,5 @@ mod tests {
             transport_from_cmdline("vessel.transport=carrier-pigeon"),
             TransportKind::VirtioSerial
         );
-    }
-
-    #[test]
-    fn oom_counter_is_parsed_from_vmstat() {
-        assert_eq!(
-            oom_kills_from_vmstat("nr_free_pages 100\noom_kill 3\npgfault 9\n"),
-            3
-        );
-        assert_eq!(oom_kills_from_vmstat("nr_free_pages 100\n"), 0);
     }
 }

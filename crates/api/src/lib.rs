@@ -340,7 +340,7 @@ async fn info(State(s): State<AppState>) -> axum::Json<SystemInfo> {
         cpu_cfs_period: Some(false),
         cpu_cfs_quota: Some(false),
         cpu_shares: Some(false),
-        cpu_set: Some(false),
+        cpu_set: Some(true),
         pids_limit: Some(false),
         oom_kill_disable: Some(false),
         ipv4_forwarding: Some(false),
@@ -1205,12 +1205,16 @@ async fn container_logs(
         until: time("until")?,
     };
     let timestamps = q.flag("timestamps");
+    let details = q.flag("details");
     let (tty, rx) = s.engine.logs(&id, opts)?;
     let body = tokio_stream_from(rx).map(move |e| {
         let mut text = Vec::new();
         if timestamps {
             text.extend_from_slice(e.time.as_bytes());
             text.push(b' ');
+        }
+        if details {
+            text.extend_from_slice(details_prefix(e.attrs.as_ref()).as_bytes());
         }
         text.extend_from_slice(e.log.as_bytes());
         let out = if tty {
@@ -1229,6 +1233,33 @@ async fn container_logs(
     });
     let ct = if tty { RAW } else { MULTIPLEXED };
     Ok(([(header::CONTENT_TYPE, ct)], Body::from_stream(body)).into_response())
+}
+
+/// What `docker logs --details` puts before a line, as dockerd writes it:
+/// the entry's extra attributes sorted by key, `k=v` joined by commas,
+/// keys and values query-escaped, then a space (a lone space when there
+/// are none).
+fn details_prefix(attrs: Option<&std::collections::BTreeMap<String, String>>) -> String {
+    // Go's url.QueryEscape: all but letters, digits and `-_.~` escaped,
+    // spaces as `+`.
+    const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    let escape = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, QUERY)
+            .to_string()
+            .replace("%20", "+")
+    };
+    let mut out = attrs
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+        .collect::<Vec<_>>()
+        .join(",");
+    out.push(' ');
+    out
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -1660,7 +1691,21 @@ mod tests {
 
 #[cfg(test)]
 mod detach_tests {
-    use super::{parse_detach_keys, EscapeScanner};
+    use super::{details_prefix, parse_detach_keys, EscapeScanner};
+
+    #[test]
+    fn details_are_written_as_dockerd_writes_them() {
+        assert_eq!(details_prefix(None), " ");
+        let attrs: std::collections::BTreeMap<String, String> = [
+            ("b".to_string(), "two words".to_string()),
+            ("a".to_string(), "x=y,z/~*".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            details_prefix(Some(&attrs)),
+            "a=x%3Dy%2Cz%2F~%2A,b=two+words "
+        );
+    }
 
     #[test]
     fn detach_keys_parse_as_docker_writes_them() {

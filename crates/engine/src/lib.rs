@@ -20,6 +20,7 @@ mod network;
 mod pool;
 mod privileges;
 mod record;
+mod resources;
 pub mod signal;
 mod stats;
 mod template;
@@ -738,9 +739,11 @@ impl Engine {
         Ok(())
     }
 
-    /// `docker update`: the restart policy always; memory and CPUs only
-    /// while the container is not running (they shape its next VM: a running
-    /// VM's memory and vCPUs cannot change).
+    /// `docker update`: the restart policy and the swap limit always;
+    /// memory and vCPUs only while the container is not running (they
+    /// shape its next VM: a running VM's memory and vCPUs cannot change);
+    /// the CPU set of a running VM when its size stays (its threads are
+    /// pinned again).
     pub async fn update(
         &self,
         name_or_id: &str,
@@ -750,20 +753,49 @@ impl Engine {
         let _op = h.op.lock().await;
         let rec = h.rec();
         let mut hc = rec.host_config.clone();
-        // As in Docker, zero means "leave as it is".
+        // As dockerd: the request's own values first.
+        resources::check_memory_swap(
+            body.memory.unwrap_or(0),
+            body.memory_swap.unwrap_or(0),
+            true,
+        )?;
+        // As in Docker, zero (or empty) means "leave as it is".
+        let mut swap_conflict = false;
         if let Some(m) = body.memory.filter(|m| *m != 0) {
+            let swap = hc.memory_swap.unwrap_or(0);
+            swap_conflict = swap > 0 && m > swap && body.memory_swap.unwrap_or(0) == 0;
             hc.memory = Some(m);
+        }
+        if let Some(sw) = body.memory_swap.filter(|s| *s != 0) {
+            hc.memory_swap = Some(sw);
         }
         if let Some(n) = body.nano_cpus.filter(|n| *n != 0) {
             hc.nano_cpus = Some(n);
         }
-        let shape = self.shape(&hc)?;
+        if let Some(c) = body.cpuset_cpus.clone().filter(|c| !c.is_empty()) {
+            hc.cpuset_cpus = Some(c);
+        }
+        let shape = self.shape(&hc, true)?;
+        // dockerd checks the values first (400), then what they would
+        // change (409).
+        if swap_conflict {
+            return Err(EngineError::Conflict(format!(
+                "Cannot update container {}: Memory limit should be smaller than already set memoryswap limit, update the memoryswap at the same time",
+                rec.id
+            )));
+        }
+        resources::check_memory_swap(hc.memory.unwrap_or(0), hc.memory_swap.unwrap_or(0), true)?;
         let reshaped = shape.memory_mib != rec.vm.memory_mib || shape.vcpus != rec.vm.vcpus;
         if reshaped && rec.running() {
             return Err(EngineError::InvalidParameter(format!(
                 "cannot change the memory or CPUs of running container {}: its VM has {} MiB and {} vCPUs; stop it, update it, and start it again",
                 rec.id, rec.vm.memory_mib, rec.vm.vcpus
             )));
+        }
+        if rec.running() && hc.cpuset_cpus != rec.host_config.cpuset_cpus {
+            if let (Some(pid), Some(cpus)) = (rec.state.pid, cpuset_of(&hc)?) {
+                vessel_vm::pin(pid, &cpus).map_err(|e| internal("pinning the VM's threads", e))?;
+            }
         }
         if let Some(rp) = body.restart_policy.clone() {
             if rp.maximum_retry_count.unwrap_or(0) < 0 {
@@ -1015,9 +1047,16 @@ impl Engine {
                 )));
             }
         }
-        let shape = self.shape(&host_config)?;
+        let shape = self.shape(&host_config, false)?;
         privileges::restrictions(&host_config)?;
         let mut host_config = host_config;
+        // As dockerd: a memory limit alone allows as much swap again. The
+        // VM has no swap either way (see docs/architecture.md).
+        if let (Some(m), None | Some(0)) = (host_config.memory, host_config.memory_swap) {
+            if m > 0 {
+                host_config.memory_swap = Some(m * 2);
+            }
+        }
         if matches!(
             host_config.network_mode.as_deref(),
             None | Some("") | Some("default")
@@ -1147,7 +1186,10 @@ impl Engine {
             .map(|r| r.id)
     }
 
-    fn shape(&self, hc: &HostConfig) -> Result<VmShape, EngineError> {
+    /// The VM a container's resource flags ask for, checked in dockerd's
+    /// order: memory, swap, CPUs, CPU set. `update` leaves the swap limit
+    /// to the caller, which checks it in dockerd's order for an update.
+    fn shape(&self, hc: &HostConfig, update: bool) -> Result<VmShape, EngineError> {
         let memory = hc.memory.unwrap_or(0);
         if memory < 0 {
             return Err(EngineError::InvalidParameter(
@@ -1164,6 +1206,9 @@ impl Engine {
                 "Minimum memory limit allowed is {MIN_MEMORY_MIB}MB: a container is a VM whose kernel needs it"
             )));
         }
+        if !update {
+            resources::check_memory_swap(memory, hc.memory_swap.unwrap_or(0), false)?;
+        }
         let host_cpus = std::thread::available_parallelism()
             .map(|n| n.get() as i64)
             .unwrap_or(1);
@@ -1173,14 +1218,10 @@ impl Engine {
                 "Range of CPUs is from 0.01 to {host_cpus}.00, as there are only {host_cpus} CPUs available"
             )));
         }
-        let vcpus = if nano == 0 {
-            self.inner.cfg.default_vcpus
-        } else {
-            (nano as u64).div_ceil(1_000_000_000) as u32
-        };
+        let cpuset = cpuset_of(hc)?;
         Ok(VmShape {
             memory_mib,
-            vcpus: vcpus.max(1),
+            vcpus: resources::vcpus(nano, cpuset.as_deref(), self.inner.cfg.default_vcpus),
         })
     }
 
@@ -1329,6 +1370,16 @@ impl Engine {
         });
         self.persist(&rec)?;
         let vm_name = rec.vm_name().to_string();
+        // `--cpuset-cpus`: every thread of the VM on those host CPUs.
+        if let Err(e) = cpuset_of(&rec.host_config).and_then(|set| match set {
+            Some(cpus) => {
+                vessel_vm::pin(pid, &cpus).map_err(|e| internal("pinning the VM's threads", e))
+            }
+            None => Ok(()),
+        }) {
+            vessel_vm::kill_vm(pid, &vm_name);
+            return Err(e);
+        }
         if let Err(e) = self.join_networks(h) {
             vessel_vm::kill_vm(pid, &vm_name);
             return Err(e);
@@ -1574,15 +1625,22 @@ impl Engine {
         let id = h.id.clone();
         let name = h.rec().vm_name().to_string();
         let run_started = std::time::Instant::now();
-        let mut log = match log_driver(&h.rec().host_config) {
-            Ok(Some(rotation)) => match logs::LogWriter::open(&self.log_path(&id), rotation) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    warn!(%id, "cannot open log file: {e}");
-                    None
+        let rec = h.rec();
+        let mut log = match log_driver(&rec.host_config).and_then(|r| Ok((r, log_attrs(&rec)?))) {
+            Ok((Some(rotation), attrs)) => {
+                match logs::LogWriter::open(&self.log_path(&id), rotation, attrs) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!(%id, "cannot open log file: {e}");
+                        None
+                    }
                 }
-            },
-            _ => None,
+            }
+            Ok((None, _)) => None,
+            Err(e) => {
+                warn!(%id, "log options: {e}");
+                None
+            }
         };
         // Output the agent replayed before reporting an earlier exit.
         while exited.is_some() && reader.queued() > 0 {
@@ -1731,6 +1789,10 @@ impl Engine {
         self.refresh_dns().await;
         for e in self.execs_of(&id) {
             e.finish(137, Some(format!("container {id} stopped")));
+        }
+        if oom {
+            // dockerd reports the kill before the exit.
+            self.container_event(&rec, "oom", &[]);
         }
         self.container_event(&rec, "die", &[("exitCode", code.to_string())]);
         let _ = h.output.send(Output::End);
@@ -2432,6 +2494,16 @@ impl Engine {
     }
 }
 
+/// `--cpuset-cpus` as host CPU numbers, checked against the CPUs the
+/// daemon may use.
+fn cpuset_of(hc: &HostConfig) -> Result<Option<Vec<usize>>, EngineError> {
+    if hc.cpuset_cpus.as_deref().is_none_or(str::is_empty) {
+        return Ok(None);
+    }
+    let available = vessel_vm::host_cpus().map_err(|e| internal("reading the host's CPUs", e))?;
+    resources::cpuset(hc.cpuset_cpus.as_deref(), &available)
+}
+
 /// The container's log driver: `Some(rotation)` for json-file (the
 /// default), `None` for `none`; anything else is refused.
 fn log_driver(hc: &HostConfig) -> Result<Option<logs::Rotation>, EngineError> {
@@ -2460,14 +2532,32 @@ fn log_driver(hc: &HostConfig) -> Result<Option<logs::Rotation>, EngineError> {
                 ));
             }
             for k in opts.keys() {
-                if !["max-size", "max-file", "compress", "labels", "env", "tag"]
-                    .contains(&k.as_str())
+                if ![
+                    "max-size",
+                    "max-file",
+                    "compress",
+                    "labels",
+                    "labels-regex",
+                    "env",
+                    "env-regex",
+                    "tag",
+                ]
+                .contains(&k.as_str())
                 {
                     return Err(EngineError::InvalidParameter(format!(
                         "unknown log opt '{k}' for json-file log driver"
                     )));
                 }
             }
+            if opts.get("compress").is_some_and(|v| v == "true") {
+                return Err(EngineError::InvalidParameter(
+                    "log opt compress=true is not supported: rotated json-file logs are kept uncompressed".into(),
+                ));
+            }
+            // The regular expressions and the tag template, checked now
+            // rather than at the first start.
+            logs::extra_attributes(&opts, &HashMap::new(), &[], &logs::TagInfo::default())
+                .map_err(EngineError::InvalidParameter)?;
             Ok(Some(logs::Rotation { max_size, max_file }))
         }
         "none" => Ok(None),
@@ -2475,6 +2565,36 @@ fn log_driver(hc: &HostConfig) -> Result<Option<logs::Rotation>, EngineError> {
             "logger: no log driver named '{other}' is registered"
         ))),
     }
+}
+
+/// The extra attributes each log entry of `rec` carries (see
+/// [`logs::extra_attributes`]).
+fn log_attrs(
+    rec: &ContainerRecord,
+) -> Result<std::collections::BTreeMap<String, String>, EngineError> {
+    let opts = rec
+        .host_config
+        .log_config
+        .as_ref()
+        .and_then(|l| l.config.clone())
+        .unwrap_or_default();
+    let mut command = vec![rec.path.clone()];
+    command.extend(rec.args.iter().cloned());
+    let tag = logs::TagInfo {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        image_id: rec.image_id.clone(),
+        image_name: rec.image.clone(),
+        hostname: rec.config.hostname.clone().unwrap_or_default(),
+        command: command.join(" "),
+    };
+    logs::extra_attributes(
+        &opts,
+        rec.config.labels.as_ref().unwrap_or(&HashMap::new()),
+        rec.config.env.as_deref().unwrap_or(&[]),
+        &tag,
+    )
+    .map_err(EngineError::InvalidParameter)
 }
 
 fn entry_time(e: &LogEntry) -> Option<f64> {

@@ -313,6 +313,80 @@ fn json_file_rotation_and_the_none_driver() {
 }
 
 #[test]
+fn logs_details_show_the_extra_attributes_the_log_options_name() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&[
+        "run",
+        "--name",
+        "tagged",
+        "--label",
+        "team=web ops",
+        "--label",
+        "tier=front",
+        "-e",
+        "REGION=eu",
+        "-e",
+        "RACK=7",
+        "-e",
+        "SECRET=x",
+        "--log-opt",
+        "labels=team,absent",
+        "--log-opt",
+        "env=REGION",
+        "--log-opt",
+        "env-regex=^RA",
+        "--log-opt",
+        "tag={{.Name}}",
+        "busybox",
+        "sh",
+        "-c",
+        "echo one; echo two >&2",
+    ]);
+    let out = d.docker(&["logs", "--details", "tagged"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let prefix = "RACK=7,REGION=eu,tag=tagged,team=web+ops ";
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{prefix}one\n")
+    );
+    assert_eq!(stderr(&out), format!("{prefix}two\n"));
+    // Without --details the lines are as they were written.
+    assert_eq!(d.ok(&["logs", "tagged"]), "one\n");
+    // Timestamps come first, as with dockerd.
+    let line = d.ok(&["logs", "-t", "--details", "tagged"]);
+    let (time, rest) = line.split_once(' ').expect("timestamp");
+    assert!(time.ends_with('Z') && time.contains('T'), "{line}");
+    assert_eq!(rest, format!("{prefix}one\n"));
+    // The json-file log carries them as dockerd's driver does.
+    let id = d.ok(&["inspect", "-f", "{{.Id}}", "tagged"]);
+    let log = std::fs::read_to_string(
+        d.data_root()
+            .join("containers")
+            .join(id.trim())
+            .join(format!("{}-json.log", id.trim())),
+    )
+    .expect("log file");
+    assert!(
+        log.contains(r#""attrs":{"RACK":"7","REGION":"eu","tag":"tagged","team":"web ops"}"#),
+        "{log}"
+    );
+    // No attributes: dockerd still writes the separating space.
+    d.ok(&["run", "--name", "plain", "busybox", "echo", "bare"]);
+    assert_eq!(d.ok(&["logs", "--details", "plain"]), " bare\n");
+    // A bad regular expression or tag template is refused at create.
+    for opt in ["env-regex=(", "tag={{.Nope}}", "labels-regex=["] {
+        let out = d.docker(&["create", "--log-opt", opt, "busybox", "true"]);
+        assert!(!out.status.success(), "{opt}");
+        assert!(
+            stderr(&out).contains("Error response from daemon"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
 fn update_changes_what_a_vm_can_change() {
     let d = Daemon::start();
     d.load_busybox(&["busybox:latest"]);

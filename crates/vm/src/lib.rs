@@ -197,6 +197,73 @@ pub fn set_foreground(pid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The host CPUs this daemon may run on (its affinity mask), ascending:
+/// what a VM can be pinned to.
+pub fn host_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()`
+    // bytes into `set`, which is that large.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads bit `c` of `set`, with `c` below CPU_SETSIZE.
+        .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
+        .collect())
+}
+
+/// Pins every thread of VM `pid` (vCPUs, I/O and QEMU's own) to the host
+/// CPUs `cpus`. Threads QEMU starts later inherit the mask from the thread
+/// that starts them, so the threads are listed again until a pass finds
+/// none it had not pinned.
+pub fn pin(pid: u32, cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::other(format!(
+                "CPU {c} is beyond the {} CPUs an affinity mask holds",
+                libc::CPU_SETSIZE
+            )));
+        }
+        // SAFETY: CPU_SET sets bit `c` of `set`, with `c` below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let mut pinned = std::collections::HashSet::new();
+    loop {
+        let mut found = false;
+        for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Ok(tid) = e?.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+                continue;
+            };
+            if !pinned.insert(tid) {
+                continue;
+            }
+            found = true;
+            // SAFETY: sched_setaffinity on a thread id with a valid mask of
+            // the size given.
+            let r = unsafe {
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                // A thread that ended meanwhile needs no pinning.
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("pin thread {tid} of VM {pid}: {e}"),
+                    ));
+                }
+            }
+        }
+        if !found {
+            return Ok(());
+        }
+    }
+}
+
 /// Kills a VM process with SIGKILL if it is still the VM named `name`.
 pub fn kill_vm(pid: u32, name: &str) {
     if vm_alive(pid, name) {
@@ -254,5 +321,33 @@ fn reap(pid: u32) {
     // the process is not our child.
     unsafe {
         libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{host_cpus, pin};
+
+    #[test]
+    fn a_process_is_pinned_to_the_cpus_given() {
+        let cpus = host_cpus().expect("affinity");
+        assert!(!cpus.is_empty());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let last = *cpus.last().expect("a CPU");
+        pin(child.id(), &[last]).expect("pin");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("status");
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(str::trim)
+            .unwrap_or("");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(allowed, last.to_string());
+        assert!(pin(u32::MAX / 2, &[last]).is_err(), "no such process");
     }
 }
