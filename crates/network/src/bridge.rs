@@ -19,11 +19,38 @@ pub fn ensure_bridge(
     if !link_exists(name)? {
         run_ip_batch(&[format!("link add name {name} type bridge")])?;
     }
-    run_ip_batch(&[
+    let mut lines = vec![
         format!("link set dev {name} alias {}", owner_alias(owner)),
         format!("addr replace {gateway}/{} dev {name}", subnet.prefix()),
         format!("link set dev {name} up"),
-    ])
+    ];
+    // Other IPv4 addresses are left from an earlier life of the bridge (a
+    // daemon whose state was wiped): their routes would shadow other
+    // networks' subnets.
+    let wanted = format!("{gateway}/{}", subnet.prefix());
+    for old in ipv4_addresses(name)? {
+        if old != wanted {
+            lines.push(format!("addr del {old} dev {name}"));
+        }
+    }
+    run_ip_batch(&lines)
+}
+
+/// The IPv4 addresses (`a.b.c.d/len`) on link `name`.
+fn ipv4_addresses(name: &str) -> Result<Vec<String>, NetError> {
+    let v = run_json(&["-j", "-4", "addr", "show", "dev", name])?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| {
+            Some(format!(
+                "{}/{}",
+                a["local"].as_str()?,
+                a["prefixlen"].as_u64()?
+            ))
+        })
+        .collect())
 }
 
 fn owner_alias(owner: &str) -> String {
