@@ -1,6 +1,7 @@
 //! The QEMU driver: one `qemu-system-x86_64 -M microvm` process per container.
 
 use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -70,8 +71,9 @@ impl Qemu {
         &self.version
     }
 
-    /// The full argument list for `spec` (without the binary).
-    pub fn args(&self, spec: &VmSpec) -> Vec<String> {
+    /// The full argument list for `spec` (without the binary); `tap_fds`
+    /// are the descriptors, open in QEMU, of the network slots' taps.
+    pub fn args(&self, spec: &VmSpec, tap_fds: &[RawFd]) -> Vec<String> {
         let run = |f: &str| spec.run_dir.join(f).display().to_string();
         let cpu = match self.accel {
             Accel::Kvm => "host",
@@ -166,12 +168,12 @@ impl Qemu {
                 vessel_protocol::VIRTIO_PORT_NAME
             ),
         ]);
-        for (slot, tap) in spec.taps.iter().enumerate() {
+        for (slot, fd) in tap_fds.iter().enumerate() {
             // vhost stays off: it needs KVM's ioeventfd, and a template's
             // device state must restore the same way on both paths.
             push(&[
                 "-netdev",
-                &format!("tap,id=net{slot},ifname={tap},script=no,downscript=no,vhost=off"),
+                &format!("tap,id=net{slot},fd={fd},vhost=off"),
                 "-device",
                 &format!(
                     "virtio-net-device,netdev=net{slot},mac={}",
@@ -219,8 +221,11 @@ impl Hypervisor for Qemu {
     }
 
     fn spawn(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
-        crate::tap::create(&spec.taps, &spec.tap_owner)?;
-        match self.spawn_on_taps(spec) {
+        let taps = crate::tap::open(&spec.taps, &spec.tap_owner)?;
+        let spawned = self.spawn_on_taps(spec, &taps);
+        // QEMU holds its own copies now (or is gone).
+        drop(taps);
+        match spawned {
             Ok(vm) => {
                 // However the VM ends, its taps go once it has.
                 crate::tap::remove_after_exit(Some(vm.pid), spec.taps.clone());
@@ -235,8 +240,9 @@ impl Hypervisor for Qemu {
     }
 
     fn build_template(&self, spec: &VmSpec, state: &Path) -> Result<(), VmError> {
-        crate::tap::create(&spec.taps, &spec.tap_owner)?;
-        let r = self.build_template_on_taps(spec, state);
+        let taps = crate::tap::open(&spec.taps, &spec.tap_owner)?;
+        let r = self.build_template_on_taps(spec, state, &taps);
+        drop(taps);
         // The template VM has been reaped either way.
         crate::tap::remove(&spec.taps);
         r
@@ -244,7 +250,7 @@ impl Hypervisor for Qemu {
 }
 
 impl Qemu {
-    fn spawn_on_taps(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
+    fn spawn_on_taps(&self, spec: &VmSpec, taps: &[OwnedFd]) -> Result<VmProcess, VmError> {
         std::fs::create_dir_all(&spec.run_dir)
             .map_err(|e| VmError::io(format!("create {}", spec.run_dir.display()), e))?;
         let share = spec.run_dir.join(SHARE_DIR);
@@ -264,6 +270,21 @@ impl Qemu {
             .try_clone()
             .map_err(|e| VmError::io("dup qemu log", e))?;
         let mut cmd = Command::new(&self.binary);
+        let tap_fds: Vec<RawFd> = taps.iter().map(AsRawFd::as_raw_fd).collect();
+        let inherited = tap_fds.clone();
+        // SAFETY: fcntl(2) is async-signal-safe; the closure only reads a
+        // vector allocated before the fork. It lets QEMU inherit the taps'
+        // descriptors (they are close-on-exec for every other child).
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &inherited {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         if spec.background {
             // SAFETY: setpriority(2) is async-signal-safe and touches no
             // memory of the parent; it runs in the child before exec.
@@ -277,7 +298,7 @@ impl Qemu {
             }
         }
         let mut child = cmd
-            .args(self.args(spec))
+            .args(self.args(spec, &tap_fds))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -320,13 +341,18 @@ impl Qemu {
         })
     }
 
-    fn build_template_on_taps(&self, spec: &VmSpec, state: &Path) -> Result<(), VmError> {
+    fn build_template_on_taps(
+        &self,
+        spec: &VmSpec,
+        state: &Path,
+        taps: &[OwnedFd],
+    ) -> Result<(), VmError> {
         if !matches!(spec.boot, Boot::Template { .. }) {
             return Err(VmError::Spawn(
                 "build_template needs a Boot::Template spec".into(),
             ));
         }
-        let vm = self.spawn_on_taps(spec)?;
+        let vm = self.spawn_on_taps(spec, taps)?;
         let kill = || {
             crate::kill_vm(vm.pid, &spec.name);
             let mut status = 0;
@@ -430,12 +456,12 @@ mod tests {
             accel: Accel::Tcg,
             version: "7.2".into(),
         };
-        let a = q.args(&spec());
+        let a = q.args(&spec(), &[3, 4, 5]);
         let mut other = spec();
         other.name = "def".into();
         other.image_disk = "/other.ext4".into();
         other.upper_disk = "/other.qcow2".into();
-        let b = q.args(&other);
+        let b = q.args(&other, &[7, 8, 9]);
         let devices = |args: &[String]| -> Vec<String> {
             args.windows(2)
                 .filter(|w| w[0] == "-device")
@@ -452,7 +478,7 @@ mod tests {
             memory: "/t/mem".into(),
             state: "/t/state".into(),
         };
-        let c = q.args(&clone);
+        let c = q.args(&clone, &[3, 4, 5]);
         assert_eq!(devices(&a), devices(&c));
         assert!(c.join(" ").contains("mem-path=/t/mem,share=off"));
         assert!(c.join(" ").contains("-incoming defer"));
@@ -464,7 +490,7 @@ mod tests {
         tpl.boot = Boot::Template {
             memory: "/t/mem".into(),
         };
-        let t = q.args(&tpl);
+        let t = q.args(&tpl, &[3, 4, 5]);
         assert!(t.join(" ").contains("mem-path=/t/mem,share=on"));
         assert_eq!(devices(&t), devices(&c));
     }

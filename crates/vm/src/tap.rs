@@ -1,12 +1,18 @@
 //! Host tap devices behind a VM's network slots.
 //!
-//! The taps are made persistent before QEMU starts and QEMU only attaches to
-//! them. When the last file descriptor of a non-persistent tap closes, the
-//! kernel unregisters the device inside the closing process's exit path,
-//! about 20 ms per device here: with three slots, every VM's exit (and so
-//! every `docker run --rm`) waited ~60 ms for it. A persistent tap survives
-//! its VM, so the VM exits at once and the taps are deleted afterwards, off
-//! the container's path ([`remove_after_exit`]).
+//! The daemon makes each tap persistent, keeps the descriptor attached to it
+//! and hands that descriptor to QEMU (`-netdev tap,fd=N`), so QEMU never
+//! attaches by name. Attaching by name would race with any process the
+//! daemon forks at that moment: a child holds a copy of every descriptor
+//! until it execs, and a tap with an attached descriptor refuses a second
+//! one (`EBUSY`).
+//!
+//! Persistent, because when the last descriptor of a non-persistent tap
+//! closes, the kernel unregisters the device inside the closing process's
+//! exit path, about 20 ms per device here: with three slots every VM's exit
+//! (and so every `docker run --rm`) waited ~60 ms for it. A persistent tap
+//! survives its VM, so the VM exits at once and the taps are deleted
+//! afterwards, off the container's path ([`remove_after_exit`]).
 //!
 //! Each tap carries the alias `vessel-tap:<owner>`, so that taps left behind
 //! by a daemon that died are found again ([`owned`]).
@@ -67,24 +73,32 @@ fn exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
 }
 
-/// Makes persistent taps `names`, marked as `owner`'s. A tap that already
-/// exists (left by a VM whose daemon died) is taken over.
-pub fn create(names: &[String], owner: &str) -> Result<(), VmError> {
+/// Makes persistent taps `names`, marked as `owner`'s, and returns a
+/// descriptor attached to each (close-on-exec). A tap that already exists
+/// (left by a VM whose daemon died) is taken over.
+pub fn open(names: &[String], owner: &str) -> Result<Vec<OwnedFd>, VmError> {
     let marker = alias(owner);
-    for (i, name) in names.iter().enumerate() {
+    let mut fds = Vec::with_capacity(names.len());
+    for name in names {
         let made = attach(name)
-            .and_then(|f| set_persist(&f, true))
+            .and_then(|f| set_persist(&f, true).map(|()| f))
             .map_err(|e| VmError::io(format!("make tap {name}"), e));
-        let marked = made.and_then(|()| {
+        let marked = made.and_then(|f| {
             let path = format!("/sys/class/net/{name}/ifalias");
-            std::fs::write(&path, &marker).map_err(|e| VmError::io(format!("write {path}"), e))
+            std::fs::write(&path, &marker)
+                .map(|()| f)
+                .map_err(|e| VmError::io(format!("write {path}"), e))
         });
-        if let Err(e) = marked {
-            remove(&names[..=i]);
-            return Err(e);
+        match marked {
+            Ok(f) => fds.push(OwnedFd::from(f)),
+            Err(e) => {
+                drop(fds);
+                remove(names);
+                return Err(e);
+            }
         }
     }
-    Ok(())
+    Ok(fds)
 }
 
 /// Deletes taps `names` now; missing ones are skipped. A tap a running VM
@@ -257,15 +271,28 @@ mod tests {
         let names: Vec<String> = (0..2)
             .map(|i| format!("vu{:08x}{i}", std::process::id()))
             .collect();
-        create(&names, &owner).expect("create taps");
+        let fds = open(&names, &owner).expect("make taps");
         for n in &names {
             assert!(exists(n), "{n} should exist after create");
         }
         let mut found = owned(&owner);
         found.sort();
         assert_eq!(found, names);
-        // Created again (a daemon taking over leftovers): still fine.
-        create(&names, &owner).expect("create taps again");
+        // Held: a second attach is refused, and removal keeps them.
+        assert!(open(&names, &owner).is_err());
+        remove(&names);
+        assert!(names.iter().all(|n| exists(n)));
+        drop(fds);
+        // Made again (a daemon taking over leftovers): still fine. Another
+        // test's child may hold a copy of a descriptor until it execs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match open(&names, &owner) {
+                Ok(fds) => break drop(fds),
+                Err(e) if std::time::Instant::now() > deadline => panic!("make taps again: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
         remove_after_exit(None, names.clone());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while names.iter().any(|n| exists(n)) {
