@@ -4,7 +4,7 @@
 //! `vessel-network` (bridges, taps joined to them, the firewall table).
 //!
 //! A container VM has [`vessel_vm::NIC_SLOTS`] network slots, each backed by
-//! a tap that QEMU creates. Joining a network means: an address from the
+//! a host tap (see `vessel_vm::tap`). Joining a network means: an address from the
 //! network's plan, the tap of a free slot joined to the network's bridge,
 //! and the guest agent told the slot's MAC and address.
 
