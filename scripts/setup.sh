@@ -14,16 +14,26 @@ guest_dir=${VESSEL_GUEST_DIR:-/usr/local/lib/vessel}
 packages=(qemu-system-x86 qemu-utils e2fsprogs linux-source-6.1 build-essential flex bison bc
           libelf-dev libssl-dev busybox-static python3 docker-registry
           iproute2 nftables docker-compose)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+missing_packages() {
+    missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+}
+# Two passes: installing one package can remove another of the list (the
+# release's qemu-system-x86 removes a newer qemu-utils from backports), and
+# the second pass installs the release's version of what went.
+updated=0
+for pass in 1 2; do
+    missing_packages
+    [ ${#missing[@]} -gt 0 ] || break
     echo "installing Debian packages: ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    [ "$updated" = 1 ] || { apt-get update -qq; updated=1; }
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+done
+missing_packages
+[ ${#missing[@]} -eq 0 ] || { echo "Debian packages still not installed: ${missing[*]}" >&2; exit 1; }
 # The registry package starts a system service on install; tests run their own.
 systemctl disable --now docker-registry >/dev/null 2>&1 || true
 
