@@ -159,6 +159,14 @@ impl Agent {
                     processes: crate::top::processes(root.as_deref()),
                 });
             }
+            HostMsg::Stats { req_id } => {
+                let (pids, memory) = crate::restrict::usage();
+                self.writer.send(&GuestMsg::Stats {
+                    req_id,
+                    pids,
+                    memory,
+                });
+            }
             HostMsg::CopyStat { copy_id, path } => self.copy_stat(copy_id, &path),
             HostMsg::CopyOut {
                 copy_id,

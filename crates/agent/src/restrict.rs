@@ -214,6 +214,18 @@ pub fn oom_kills() -> u64 {
         .unwrap_or(0)
 }
 
+/// The container cgroup's process count (`pids.current`) and memory use
+/// (`memory.current`, bytes); zeros before the cgroup exists.
+pub fn usage() -> (u64, u64) {
+    let read = |file: &str| {
+        std::fs::read_to_string(Path::new(CGROUP_ROOT).join("container").join(file))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (read("pids.current"), read("memory.current"))
+}
+
 /// Makes `/sys/fs/cgroup/container` (memory and pids controllers) with
 /// its memory limit and, when given, `pids.max = limit`; returns its
 /// `cgroup.procs`.

@@ -294,6 +294,9 @@ struct Inner {
     registry: Arc<vessel_registry::Registry>,
     /// `docker top` requests waiting for their answer, by request id.
     tops: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<TopAnswer>>>,
+    /// `docker stats` questions to agents (processes, memory in the guest)
+    /// waiting for their answer, by request id.
+    guest_stats: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<stats::Guest>>>,
     /// Networks and the firewall.
     networks: Arc<network::Networks>,
     /// DNS servers and published-port proxies.
@@ -431,6 +434,7 @@ impl Engine {
                 iface_waiters: Mutex::new(HashMap::new()),
                 copies: Mutex::new(HashMap::new()),
                 tops: Mutex::new(HashMap::new()),
+                guest_stats: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
                 events: Events::default(),
                 next_exec: std::sync::atomic::AtomicU32::new(0),
@@ -508,6 +512,32 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req_id);
         answer.ok_or_else(not_running)
+    }
+
+    /// What the agent of a running container reports for `docker stats`;
+    /// `None` when it is not running or does not answer within a second.
+    async fn guest_stats(&self, h: &Handle) -> Option<stats::Guest> {
+        let writer = h.live.lock().await.writer.clone()?;
+        let req_id = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .guest_stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req_id, tx);
+        let answer = match writer.send(&HostMsg::Stats { req_id }).await {
+            Ok(()) => tokio::time::timeout(Duration::from_secs(1), rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        self.inner
+            .guest_stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req_id);
+        answer
     }
 
     /// The image store.
@@ -965,14 +995,14 @@ impl Engine {
     > {
         let h = self.lookup(name_or_id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let engine = self.clone();
         tokio::spawn(async move {
             let interval = Duration::from_secs(1);
             let mut pre = stats::Sample::default();
             let mut first = true;
             loop {
                 let rec = h.rec();
-                let limit = rec.vm.memory_mib * 1024 * 1024;
-                let now = match rec.state.pid.filter(|_| rec.running()) {
+                let mut now = match rec.state.pid.filter(|_| rec.running()) {
                     Some(pid) => stats::sample(pid),
                     None => stats::Sample {
                         read: now_rfc3339(),
@@ -985,7 +1015,14 @@ impl Engine {
                     tokio::time::sleep(interval).await;
                     continue;
                 }
-                let doc = stats::document(&rec.id, &rec.name, &pre, &now, limit);
+                if rec.running() {
+                    now.networks = stats::networks(&rec);
+                    // A paused VM cannot answer.
+                    if !rec.state.paused {
+                        now.guest = engine.guest_stats(&h).await;
+                    }
+                }
+                let doc = stats::document(&rec, &pre, &now);
                 if tx.send(doc).await.is_err() || !stream || !rec.running() {
                     return;
                 }
@@ -1727,6 +1764,21 @@ impl Engine {
                             .remove(&req_id);
                         if let Some(tx) = waiter {
                             let _ = tx.send((titles, processes));
+                        }
+                    }
+                    Some(GuestMsg::Stats {
+                        req_id,
+                        pids,
+                        memory,
+                    }) => {
+                        let waiter = self
+                            .inner
+                            .guest_stats
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&req_id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(stats::Guest { pids, memory });
                         }
                     }
                     Some(other) => warn!(%id, "unexpected agent message: {other:?}"),

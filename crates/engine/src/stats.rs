@@ -1,12 +1,27 @@
 //! `docker stats`: what a container's VM costs the host, measured on the
-//! host from its QEMU process (CPU time, proportional memory, disk I/O).
-//! Usage is what the VM costs, not what the guest thinks it uses; the limit
-//! is the VM's memory size.
+//! host from its QEMU process (CPU time, proportional memory, disk I/O) and
+//! its taps (network I/O), plus what only the guest knows (the container's
+//! process count). Memory usage is what the VM costs, not what the guest
+//! thinks it uses (that is in `memory_stats.stats.container_usage`); the
+//! limit is the VM's memory size.
+
+use std::collections::HashMap;
 
 use bollard_stubs::models::{
     ContainerBlkioStatEntry, ContainerBlkioStats, ContainerCpuStats, ContainerCpuUsage,
-    ContainerMemoryStats, ContainerPidsStats, ContainerStatsResponse,
+    ContainerMemoryStats, ContainerNetworkStats, ContainerPidsStats, ContainerStatsResponse,
 };
+
+use crate::record::ContainerRecord;
+
+/// What the agent reports of the container's cgroup in the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Guest {
+    /// Processes and threads.
+    pub pids: u64,
+    /// Memory in use, bytes.
+    pub memory: u64,
+}
 
 /// One reading of a VM process.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +36,10 @@ pub struct Sample {
     pub memory: u64,
     /// Bytes read from and written to storage.
     pub io: (u64, u64),
+    /// Traffic of each interface, by the guest's interface name.
+    pub networks: HashMap<String, ContainerNetworkStats>,
+    /// The agent's answer, when it gave one.
+    pub guest: Option<Guest>,
 }
 
 fn ticks_per_second() -> u64 {
@@ -86,6 +105,41 @@ pub fn sample(pid: u32) -> Sample {
         system_ns,
         memory,
         io,
+        ..Default::default()
+    }
+}
+
+/// Traffic through the container's interfaces, read from the host end of
+/// each (its tap): what the tap sends, the container receives.
+pub fn networks(rec: &ContainerRecord) -> HashMap<String, ContainerNetworkStats> {
+    rec.networks
+        .values()
+        .filter_map(|ep| {
+            let slot = usize::from(ep.slot?);
+            let tap = rec.taps.get(slot)?;
+            Some((format!("eth{slot}"), tap_counters(tap, &ep.endpoint_id)))
+        })
+        .collect()
+}
+
+fn tap_counters(tap: &str, endpoint_id: &str) -> ContainerNetworkStats {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    ContainerNetworkStats {
+        rx_bytes: Some(read("tx_bytes")),
+        rx_packets: Some(read("tx_packets")),
+        rx_errors: Some(read("tx_errors")),
+        rx_dropped: Some(read("tx_dropped")),
+        tx_bytes: Some(read("rx_bytes")),
+        tx_packets: Some(read("rx_packets")),
+        tx_errors: Some(read("rx_errors")),
+        tx_dropped: Some(read("rx_dropped")),
+        endpoint_id: Some(endpoint_id.to_string()),
+        instance_id: None,
     }
 }
 
@@ -102,13 +156,8 @@ fn cpu(s: &Sample, cpus: u32) -> ContainerCpuStats {
 }
 
 /// The Docker stats document for two consecutive samples.
-pub fn document(
-    id: &str,
-    name: &str,
-    pre: &Sample,
-    now: &Sample,
-    limit: u64,
-) -> ContainerStatsResponse {
+pub fn document(rec: &ContainerRecord, pre: &Sample, now: &Sample) -> ContainerStatsResponse {
+    let limit = rec.vm.memory_mib * 1024 * 1024;
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -119,8 +168,8 @@ pub fn document(
         value: Some(value),
     };
     ContainerStatsResponse {
-        id: Some(id.into()),
-        name: Some(format!("/{name}")),
+        id: Some(rec.id.clone()),
+        name: Some(format!("/{}", rec.name)),
         os_type: Some("linux".into()),
         read: Some(now.read.clone()),
         preread: Some(pre.read.clone()),
@@ -129,8 +178,12 @@ pub fn document(
         memory_stats: Some(ContainerMemoryStats {
             usage: Some(now.memory),
             limit: Some(limit),
+            stats: now
+                .guest
+                .map(|g| HashMap::from([("container_usage".to_string(), g.memory)])),
             ..Default::default()
         }),
+        networks: (!now.networks.is_empty()).then(|| now.networks.clone()),
         blkio_stats: Some(ContainerBlkioStats {
             io_service_bytes_recursive: Some(vec![
                 entry("read", now.io.0),
@@ -139,8 +192,12 @@ pub fn document(
             ..Default::default()
         }),
         pids_stats: Some(ContainerPidsStats {
-            current: None,
-            limit: None,
+            current: now.guest.map(|g| g.pids),
+            limit: rec
+                .host_config
+                .pids_limit
+                .filter(|l| *l > 0)
+                .and_then(|l| u64::try_from(l).ok()),
         }),
         ..Default::default()
     }

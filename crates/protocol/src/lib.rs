@@ -268,6 +268,11 @@ pub enum HostMsg {
         /// Host-chosen id, echoed in the answer.
         req_id: u32,
     },
+    /// `docker stats`: what only the guest knows; answer [`GuestMsg::Stats`].
+    Stats {
+        /// Host-chosen id, echoed in the answer.
+        req_id: u32,
+    },
     /// The container joined or left a network while running: the complete
     /// new set of interfaces (slots not listed go down). Answered by
     /// [`GuestMsg::InterfacesSet`].
@@ -324,6 +329,15 @@ pub enum GuestMsg {
         titles: Vec<String>,
         /// One row per process.
         processes: Vec<Vec<String>>,
+    },
+    /// Answer to [`HostMsg::Stats`]: the container's cgroup in the guest.
+    Stats {
+        /// The request's id.
+        req_id: u32,
+        /// Processes and threads in the container (`pids.current`).
+        pids: u64,
+        /// Memory the container's processes use, in bytes (`memory.current`).
+        memory: u64,
     },
     /// The container's changes to its image's filesystem, as `docker diff`
     /// lists them: (kind, path) with kind 0 modified, 1 added, 2 deleted.

@@ -210,16 +210,30 @@ fn stats_report_what_the_vm_costs() {
         "busy",
         "-m",
         "256m",
+        "--pids-limit",
+        "50",
         "busybox",
         "sh",
         "-c",
-        "while true; do :; done",
+        "sleep 1000 & sleep 1000 & while true; do :; done",
+    ]);
+    // Traffic both ways through the container's interface.
+    let gateway = d.ok(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", "busy"]);
+    d.ok(&[
+        "exec",
+        "busy",
+        "ping",
+        "-c",
+        "3",
+        "-s",
+        "1000",
+        gateway.trim(),
     ]);
     let out = d.ok(&[
         "stats",
         "--no-stream",
         "--format",
-        "{{.Name}}|{{.CPUPerc}}|{{.MemUsage}}|{{.BlockIO}}",
+        "{{.Name}}|{{.CPUPerc}}|{{.MemUsage}}|{{.BlockIO}}|{{.NetIO}}|{{.PIDs}}",
     ]);
     let f: Vec<&str> = out.trim().split('|').collect();
     assert_eq!(f[0], "busy", "{out}");
@@ -229,10 +243,41 @@ fn stats_report_what_the_vm_costs() {
         f[2].ends_with("/ 256MiB") && !f[2].starts_with("0B"),
         "{out}"
     );
+    // Three pings of 1000 bytes out and back: more than 3 kB each way.
+    let net: Vec<&str> = f[4].split(" / ").collect();
+    assert_eq!(net.len(), 2, "{out}");
+    for side in net {
+        assert!(side.ends_with("kB") || side.ends_with("MB"), "{out}");
+        let kb: f64 = side
+            .trim_end_matches("kB")
+            .trim_end_matches("MB")
+            .parse()
+            .expect("net io");
+        assert!(side.ends_with("MB") || kb >= 3.0, "{out}");
+    }
+    // The shell and its two sleeps.
+    assert_eq!(f[5], "3", "{out}");
     let (status, _, body) = d.http("GET", "/containers/busy/stats?stream=0", None);
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).expect("stats json");
     assert_eq!(doc["memory_stats"]["limit"], 256 * 1024 * 1024);
+    assert_eq!(doc["pids_stats"]["limit"], 50);
+    assert_eq!(doc["pids_stats"]["current"], 3);
+    assert!(
+        doc["networks"]["eth0"]["rx_packets"].as_u64().unwrap_or(0) >= 3,
+        "{body}"
+    );
+    assert!(
+        doc["networks"]["eth0"]["tx_packets"].as_u64().unwrap_or(0) >= 3,
+        "{body}"
+    );
+    assert!(
+        doc["memory_stats"]["stats"]["container_usage"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{body}"
+    );
     assert!(
         doc["cpu_stats"]["cpu_usage"]["total_usage"]
             .as_u64()
