@@ -858,6 +858,7 @@ fn warm_up(root: &std::path::Path) {
         address: "169.254.86.83".into(),
         prefix: 16,
         gateway: Some("169.254.0.1".into()),
+        mtu: None,
     };
     if let Err(e) = crate::net::apply(&[probe]).and_then(|()| crate::net::apply(&[])) {
         crate::log!("warm-up: network: {e}");

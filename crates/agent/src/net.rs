@@ -235,6 +235,12 @@ fn configure(sock: &OwnedFd, name: &str, spec: &InterfaceSpec) -> io::Result<()>
         &mut req,
         &format!("netmask of {name}"),
     )?;
+    // Always set: the slot may have carried a network with another MTU.
+    let mtu = spec.mtu.unwrap_or(1500);
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_mtu = i32::try_from(mtu)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("bad MTU {mtu}")))?;
+    ioctl(sock, libc::SIOCSIFMTU, &mut req, &format!("MTU of {name}"))?;
     set_flags(sock, name, true)
 }
 

@@ -79,7 +79,13 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> io::Result<PathBuf> {
 /// The content of the container's `/etc/hosts`.
 pub fn hosts_file(hostname: &str, extra_hosts: &[String]) -> String {
     let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    if !hostname.is_empty() {
+    // The host lists the container's own addresses with its hostname, as
+    // Docker does (so `hostname -i` prints them); a container without a
+    // network still resolves its name, to a loopback address.
+    let named = extra_hosts
+        .iter()
+        .any(|l| l.split_whitespace().skip(1).any(|n| n == hostname));
+    if !hostname.is_empty() && !named {
         out.push_str(&format!("127.0.1.1\t{hostname}\n"));
     }
     for line in extra_hosts {
@@ -385,6 +391,15 @@ mod tests {
             hosts,
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tweb1\n\
              10.0.0.2 db db.local\n1.2.3.4 a evil\n"
+        );
+    }
+
+    #[test]
+    fn hostname_with_an_address_has_no_loopback_entry() {
+        let hosts = hosts_file("web1", &["172.17.0.2\tweb1".into()]);
+        assert_eq!(
+            hosts,
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n172.17.0.2\tweb1\n"
         );
     }
 

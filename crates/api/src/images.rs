@@ -354,7 +354,7 @@ pub(crate) async fn save(s: &AppState, names: Vec<String>) -> ApiResult<Response
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
 }
 
-fn unix_from_filter(v: &str) -> ApiResult<i64> {
+pub(crate) fn unix_from_filter(v: &str) -> ApiResult<i64> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
         return Ok(t.timestamp());
     }

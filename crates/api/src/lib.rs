@@ -423,9 +423,20 @@ fn event_matches(e: &EventMessage, filters: &HashMap<String, Vec<String>>) -> bo
                 typ == "container" && (id.starts_with(v.as_str()) || attrs.get("name") == Some(v))
             }
             "image" => {
-                attrs.get("image") == Some(v)
-                    || (typ == "image" && (id == *v || attrs.get("name") == Some(v)))
+                // As dockerd: the image (or the image event's name), also
+                // without its tag (`busybox` matches `busybox:latest`).
+                let mut names: Vec<&str> =
+                    attrs.get("image").map(String::as_str).into_iter().collect();
+                if typ == "image" {
+                    names.push(id.as_str());
+                    names.extend(attrs.get("name").map(String::as_str));
+                }
+                names.iter().any(|n| *n == v || strip_tag(n) == v)
             }
+            "network" => {
+                typ == "network" && (id.starts_with(v.as_str()) || attrs.get("name") == Some(v))
+            }
+            "scope" => v == "local",
             "label" => match v.split_once('=') {
                 Some((lk, lv)) => attrs.get(lk).is_some_and(|x| x == lv),
                 None => attrs.contains_key(v),
@@ -434,6 +445,19 @@ fn event_matches(e: &EventMessage, filters: &HashMap<String, Vec<String>>) -> bo
             _ => false,
         })
     })
+}
+
+/// An image reference without its tag (`repo:tag` → `repo`; a digest or a
+/// registry's port stays).
+fn strip_tag(reference: &str) -> &str {
+    if reference.contains('@') {
+        return reference;
+    }
+    let last = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[last..].rfind(':') {
+        Some(i) => &reference[..last + i],
+        None => reference,
+    }
 }
 
 fn event_seconds(e: &EventMessage) -> f64 {
@@ -451,7 +475,18 @@ async fn events(State(s): State<AppState>, req: Request) -> ApiResult<Response> 
     let q = Query::of(req.uri());
     let filters = parse_filters(&q)?;
     for k in filters.keys() {
-        if !["type", "event", "container", "image", "label", "volume"].contains(&k.as_str()) {
+        if ![
+            "type",
+            "event",
+            "container",
+            "image",
+            "label",
+            "volume",
+            "network",
+            "scope",
+        ]
+        .contains(&k.as_str())
+        {
             return Err(ApiError::bad(format!("invalid filter '{k}'")));
         }
     }
@@ -1647,6 +1682,35 @@ async fn exec_inspect(State(s): State<AppState>, Path(id): Path<String>) -> ApiR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_filters_of_events_match_without_the_tag() {
+        assert_eq!(strip_tag("busybox:latest"), "busybox");
+        assert_eq!(strip_tag("localhost:5000/a/b:1"), "localhost:5000/a/b");
+        assert_eq!(strip_tag("localhost:5000/a/b"), "localhost:5000/a/b");
+        assert_eq!(strip_tag("busybox@sha256:00"), "busybox@sha256:00");
+        let e = EventMessage {
+            typ: Some(bollard_stubs::models::EventMessageTypeEnum::CONTAINER),
+            action: Some("start".into()),
+            actor: Some(bollard_stubs::models::EventActor {
+                id: Some("abc".into()),
+                attributes: Some(HashMap::from([(
+                    "image".to_string(),
+                    "busybox:latest".to_string(),
+                )])),
+            }),
+            ..Default::default()
+        };
+        let f = |k: &str, v: &str| HashMap::from([(k.to_string(), vec![v.to_string()])]);
+        assert!(event_matches(&e, &f("image", "busybox")));
+        assert!(event_matches(&e, &f("image", "busybox:latest")));
+        assert!(!event_matches(&e, &f("image", "busy")));
+        assert!(event_matches(&e, &f("scope", "local")));
+        assert!(
+            !event_matches(&e, &f("network", "abc")),
+            "not a network event"
+        );
+    }
 
     #[test]
     fn engine_errors_map_to_docker_statuses() {

@@ -42,6 +42,13 @@ fn filters(q: &Query, allowed: &[&str]) -> ApiResult<NetworkFilters> {
             "id" => f.id = v,
             "name" => f.name = v,
             "label" => f.label = v,
+            "label!" => f.label_not = v,
+            "until" => {
+                let [u] = v.as_slice() else {
+                    return Err(ApiError::bad("more than one until filter specified"));
+                };
+                f.until = Some(super::images::unix_from_filter(u)?);
+            }
             "scope" => f.scope = v,
             "type" => {
                 for t in &v {
@@ -102,7 +109,7 @@ async fn remove(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<
 
 async fn prune(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
     let q = Query::of(req.uri());
-    let f = filters(&q, &["label"])?;
+    let f = filters(&q, &["label", "label!", "until"])?;
     let deleted = s.engine.network_prune(&f).await;
     Ok(axum::Json(serde_json::json!({ "NetworksDeleted": deleted })).into_response())
 }

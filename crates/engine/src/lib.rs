@@ -1824,6 +1824,7 @@ impl Engine {
             vessel_vm::wait_exit(pid).await;
         }
         self.release_mounts(&h.rec(), &self.run_dir(&id)).await;
+        self.endpoint_events(&h.rec(), "disconnect");
         let rec = h.update(|r| {
             network::release(r);
             r.state.status = Status::Exited;

@@ -28,6 +28,44 @@ use crate::{internal, now_rfc3339, EngineError, EventType};
 const TABLE: &str = "networks";
 /// Docker's option naming a bridge network's host bridge.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
+/// Docker's bridge driver options Vessel honours (others are kept and shown,
+/// as the bridge driver keeps options it does not know).
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+const MASQUERADE_OPTION: &str = "com.docker.network.bridge.enable_ip_masquerade";
+const MTU_OPTION: &str = "com.docker.network.driver.mtu";
+
+/// A boolean driver option as Go's `strconv.ParseBool` reads it, with the
+/// bridge driver's error.
+fn bool_option(options: &HashMap<String, String>, key: &str) -> Result<Option<bool>, EngineError> {
+    let Some(v) = options.get(key) else {
+        return Ok(None);
+    };
+    match v.as_str() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(Some(true)),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(Some(false)),
+        _ => Err(EngineError::InvalidParameter(format!(
+            "failed to parse {key} value: {v} (strconv.ParseBool: parsing \"{v}\": invalid syntax)"
+        ))),
+    }
+}
+
+/// `com.docker.network.driver.mtu`: 68 (IPv4's minimum) to 65535.
+fn mtu_option(options: &HashMap<String, String>) -> Result<Option<u32>, EngineError> {
+    let Some(v) = options.get(MTU_OPTION) else {
+        return Ok(None);
+    };
+    let mtu: i64 = v.parse().map_err(|_| {
+        EngineError::InvalidParameter(format!(
+            "failed to parse {MTU_OPTION} value: {v} (strconv.Atoi: parsing \"{v}\": invalid syntax)"
+        ))
+    })?;
+    if !(68..=65535).contains(&mtu) {
+        return Err(EngineError::InvalidParameter(format!(
+            "invalid MTU number: {mtu}"
+        )));
+    }
+    Ok(u32::try_from(mtu).ok())
+}
 
 /// How the daemon's own networks are set up (`vessel daemon` flags).
 #[derive(Debug, Clone)]
@@ -73,6 +111,22 @@ pub struct NetworkRecord {
 }
 
 impl NetworkRecord {
+    /// `enable_icc` (default true): containers of the network reach each
+    /// other (and the trust level allows it).
+    pub fn icc(&self) -> bool {
+        self.trust.peers() && bool_option(&self.options, ICC_OPTION).ok().flatten() != Some(false)
+    }
+
+    /// `enable_ip_masquerade` (default true).
+    pub fn masquerade(&self) -> bool {
+        bool_option(&self.options, MASQUERADE_OPTION).ok().flatten() != Some(false)
+    }
+
+    /// The MTU of the network's interfaces, when the user chose one.
+    pub fn mtu(&self) -> Option<u32> {
+        mtu_option(&self.options).ok().flatten()
+    }
+
     /// One of the three networks every daemon has.
     pub fn predefined(&self) -> bool {
         matches!(self.name.as_str(), "bridge" | "host" | "none")
@@ -89,6 +143,7 @@ impl NetworkRecord {
             gateway: self.gateway?,
             internal: self.internal,
             trust: self.trust,
+            masquerade: self.masquerade(),
         })
     }
 
@@ -226,7 +281,8 @@ impl Networks {
         let owner = this.cfg.bridge_name.clone();
         for n in this.all().iter().filter(|n| n.is_bridge()) {
             if let (Some(s), Some(g)) = (n.subnet, n.gateway) {
-                vessel_network::bridge::ensure_bridge(&n.bridge, g, &s, &owner).map_err(net_err)?;
+                vessel_network::bridge::ensure_bridge(&n.bridge, g, &s, &owner, n.mtu())
+                    .map_err(net_err)?;
             }
         }
         // Bridges of networks this daemon no longer has (a removal cut
@@ -332,6 +388,9 @@ impl Networks {
             Some(t) => t.parse::<Trust>().map_err(net_err)?,
             None => Trust::Open,
         };
+        bool_option(&options, ICC_OPTION)?;
+        bool_option(&options, MASQUERADE_OPTION)?;
+        let mtu = mtu_option(&options)?;
         let ipam_cfg = req
             .ipam
             .as_ref()
@@ -451,6 +510,7 @@ impl Networks {
             gateway,
             &subnet,
             &self.cfg.bridge_name,
+            mtu,
         )
         .map_err(net_err)
         .and_then(|_| self.apply_firewall());
@@ -679,7 +739,8 @@ pub(crate) fn allocate(
     ep.ip = Some(ip.to_string());
     ep.prefix = subnet.prefix();
     ep.gateway = Some(gw.to_string());
-    ep.default_route = gateway;
+    ep.default_route = gateway && !n.internal;
+    ep.mtu = n.mtu();
     ep.mac = Some(ep.requested_mac.clone().unwrap_or_else(ipam::random_mac));
     ep.slot = Some(slot);
     Ok(())
@@ -687,7 +748,7 @@ pub(crate) fn allocate(
 
 /// Joins a container's tap to the network's bridge.
 pub(crate) fn plug(n: &NetworkRecord, tap: &str) -> Result<(), EngineError> {
-    vessel_network::bridge::attach(tap, &n.bridge, !n.trust.peers()).map_err(net_err)
+    vessel_network::bridge::attach(tap, &n.bridge, !n.icc(), n.mtu()).map_err(net_err)
 }
 
 /// Takes a tap out of its bridge.
@@ -713,6 +774,7 @@ pub(crate) fn interfaces(rec: &ContainerRecord) -> Vec<InterfaceSpec> {
                 } else {
                     None
                 },
+                mtu: e.mtu,
             })
         })
         .collect();
@@ -747,17 +809,23 @@ pub(crate) fn hosts_lines(rec: &ContainerRecord) -> Vec<String> {
 /// rest to the host's resolvers), then `--dns` servers, `--dns-search`
 /// and `--dns-option`. `None` when the container has no network.
 pub(crate) fn resolv_conf(rec: &ContainerRecord) -> Option<String> {
-    let first = rec
+    let (first_net, first) = rec
         .networks
-        .values()
-        .filter(|e| e.slot.is_some())
-        .min_by_key(|e| e.slot)?;
+        .iter()
+        .filter(|(_, e)| e.slot.is_some())
+        .min_by_key(|(_, e)| e.slot)?;
     let mut s = String::new();
-    if let Some(gw) = &first.gateway {
+    let dns = rec.host_config.dns.clone().unwrap_or_default();
+    if first_net == "bridge" && !dns.is_empty() {
+        // As on Docker's default bridge: its containers have no names to
+        // look up, and their `--dns` servers are theirs to ask directly.
+        for d in dns {
+            s.push_str(&format!("nameserver {d}\n"));
+        }
+    } else if let Some(gw) = &first.gateway {
+        // The network's DNS server, which forwards what it does not know
+        // to the container's `--dns` servers, or the host's.
         s.push_str(&format!("nameserver {gw}\n"));
-    }
-    for d in rec.host_config.dns.clone().unwrap_or_default() {
-        s.push_str(&format!("nameserver {d}\n"));
     }
     let search = rec.host_config.dns_search.clone().unwrap_or_default();
     if !search.is_empty() {
@@ -860,6 +928,7 @@ pub(crate) fn release(r: &mut ContainerRecord) {
         ep.mac = None;
         ep.gateway = None;
         ep.default_route = false;
+        ep.mtu = None;
     }
     r.taps.clear();
     r.published.clear();
@@ -882,18 +951,29 @@ pub struct NetworkFilters {
     pub dangling: Option<bool>,
     /// `scope=`.
     pub scope: Vec<String>,
+    /// `label!=key` or `label!=key=value` (prune): networks without it.
+    pub label_not: Vec<String>,
+    /// `until=` (prune): networks created before this time (unix seconds).
+    pub until: Option<i64>,
 }
 
 impl NetworkFilters {
     fn matches(&self, n: &NetworkRecord, in_use: bool) -> bool {
-        let label_ok = self.label.iter().all(|l| match l.split_once('=') {
+        let has = |l: &String| match l.split_once('=') {
             Some((k, v)) => n.labels.get(k).map(|x| x == v).unwrap_or(false),
             None => n.labels.contains_key(l),
+        };
+        let label_ok = self.label.iter().all(has) && !self.label_not.iter().any(has);
+        let until_ok = self.until.is_none_or(|u| {
+            chrono::DateTime::parse_from_rfc3339(&n.created)
+                .map(|c| c.timestamp() < u)
+                .unwrap_or(false)
         });
         (self.driver.is_empty() || self.driver.contains(&n.driver))
             && (self.id.is_empty() || self.id.iter().any(|i| n.id.starts_with(i.as_str())))
             && (self.name.is_empty() || self.name.iter().any(|x| n.name.contains(x.as_str())))
             && label_ok
+            && until_ok
             && (self.kind.is_empty()
                 || self.kind.iter().any(|k| {
                     (k == "custom" && !n.predefined()) || (k == "builtin" && n.predefined())
@@ -1023,6 +1103,9 @@ impl crate::Engine {
         // The network of NetworkMode comes first: slot 0, default route.
         order.sort_by_key(|k| Some(k) != mode_net.as_ref());
         let mut eps = rec.networks.clone();
+        // The first network (in slot order) that is not `--internal`
+        // carries the default route: an internal network has no way out.
+        let mut has_default = false;
         for (slot, name) in order.iter().enumerate() {
             let ep = eps
                 .get_mut(name)
@@ -1039,11 +1122,25 @@ impl crate::Engine {
                 ))
             })?;
             let used = used_addresses(&all, &n.id, &rec.id);
-            allocate(&n, ep, &used, slot as u8, slot == 0)?;
+            allocate(&n, ep, &used, slot as u8, !has_default)?;
+            has_default |= ep.default_route;
             plug(&n, tap)?;
         }
         let rec = h.update(|r| r.networks = eps);
-        self.persist(&rec)
+        self.persist(&rec)?;
+        self.endpoint_events(&rec, "connect");
+        Ok(())
+    }
+
+    /// `network connect` or `disconnect` events for each network a running
+    /// container has an interface on, as dockerd emits them when the
+    /// container starts and stops.
+    pub(crate) fn endpoint_events(&self, rec: &ContainerRecord, action: &str) {
+        for ep in rec.networks.values().filter(|e| e.slot.is_some()) {
+            if let Ok(n) = self.nets().find(&ep.network_id) {
+                event(&self.inner.events, &n, action, Some(&rec.id));
+            }
+        }
     }
 
     async fn set_interfaces(
@@ -1187,13 +1284,20 @@ impl crate::Engine {
                 rec.id, n.name
             )));
         };
+        let routable: BTreeSet<String> = self
+            .nets()
+            .all()
+            .into_iter()
+            .filter(|n| !n.internal)
+            .map(|n| n.id)
+            .collect();
         let rec = h.update(|r| {
             r.networks.remove(&n.name);
             if ep.default_route {
                 if let Some(next) = r
                     .networks
                     .values_mut()
-                    .filter(|e| e.slot.is_some())
+                    .filter(|e| e.slot.is_some() && routable.contains(&e.network_id))
                     .min_by_key(|e| e.slot)
                 {
                     next.default_route = true;
@@ -1483,13 +1587,39 @@ impl crate::Engine {
                     }
                 }
             }
+            // Containers with `--dns` servers have their queries forwarded
+            // there.
+            let mut clients: HashMap<Ipv4Addr, Vec<std::net::SocketAddr>> = HashMap::new();
+            for r in recs.iter().filter(|r| r.running()) {
+                let servers: Vec<std::net::SocketAddr> = r
+                    .host_config
+                    .dns
+                    .iter()
+                    .flatten()
+                    .filter_map(|d| d.parse::<std::net::IpAddr>().ok())
+                    .map(|ip| std::net::SocketAddr::new(ip, 53))
+                    .collect();
+                if servers.is_empty() {
+                    continue;
+                }
+                if let Some(ip) = r
+                    .networks
+                    .values()
+                    .find(|e| e.network_id == n.id)
+                    .and_then(|e| e.ip.as_deref()?.parse::<Ipv4Addr>().ok())
+                {
+                    clients.insert(ip, servers);
+                }
+            }
             if let Some((_, table)) = dns.get(&n.id) {
                 table.replace(names);
+                table.replace_client_upstreams(clients);
                 continue;
             }
             let Some(gw) = n.gateway else { continue };
             let table = Arc::new(vessel_network::dns::NameTable::default());
             table.replace(names);
+            table.replace_client_upstreams(clients);
             let upstreams = vessel_network::dns::upstreams_from_resolv_conf(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             );

@@ -152,6 +152,9 @@ pub struct Endpoint {
     pub default_route: bool,
     /// MAC address while running.
     pub mac: Option<String>,
+    /// The network's MTU while running, when it set one.
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 /// One published port of a running container.

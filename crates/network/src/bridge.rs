@@ -15,12 +15,14 @@ pub fn ensure_bridge(
     gateway: Ipv4Addr,
     subnet: &Subnet,
     owner: &str,
+    mtu: Option<u32>,
 ) -> Result<(), NetError> {
     if !link_exists(name)? {
         run_ip_batch(&[format!("link add name {name} type bridge")])?;
     }
     let mut lines = vec![
         format!("link set dev {name} alias {}", owner_alias(owner)),
+        format!("link set dev {name} mtu {}", mtu.unwrap_or(1500)),
         format!("addr replace {gateway}/{} dev {name}", subnet.prefix()),
         format!("link set dev {name} up"),
     ];
@@ -81,9 +83,10 @@ pub fn delete_link(name: &str) -> Result<(), NetError> {
 /// Joins `tap` to `bridge` and brings it up. `isolated` taps cannot talk
 /// to each other through the bridge (the kernel's bridge port isolation):
 /// that is how a network whose members must not reach their peers is made.
-pub fn attach(tap: &str, bridge: &str, isolated: bool) -> Result<(), NetError> {
+pub fn attach(tap: &str, bridge: &str, isolated: bool, mtu: Option<u32>) -> Result<(), NetError> {
     let iso = if isolated { "on" } else { "off" };
     run_ip_batch(&[
+        format!("link set dev {tap} mtu {}", mtu.unwrap_or(1500)),
         format!("link set dev {tap} master {bridge}"),
         format!("link set dev {tap} type bridge_slave isolated {iso}"),
         format!("link set dev {tap} up"),

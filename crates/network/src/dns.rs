@@ -75,6 +75,9 @@ pub struct NameTable {
 struct Table {
     forward: HashMap<String, Vec<Ipv4Addr>>,
     reverse: HashMap<Ipv4Addr, String>,
+    /// Clients with upstreams of their own (a container's `--dns`), which
+    /// their forwarded queries go to instead of the server's.
+    clients: HashMap<Ipv4Addr, Vec<SocketAddr>>,
 }
 
 impl NameTable {
@@ -104,11 +107,29 @@ impl NameTable {
                 reverse.entry(*addr).or_insert_with(|| name.clone());
             }
         }
-        let table = Table {
-            forward: forward.into_iter().collect(),
-            reverse,
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        table.forward = forward.into_iter().collect();
+        table.reverse = reverse;
+    }
+
+    /// Replaces the clients that have upstreams of their own: queries from
+    /// each address that the table cannot answer go to its upstreams, in
+    /// order, instead of the server's.
+    pub fn replace_client_upstreams(&self, clients: HashMap<Ipv4Addr, Vec<SocketAddr>>) {
+        let clients = clients.into_iter().filter(|(_, u)| !u.is_empty()).collect();
+        self.table
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clients = clients;
+    }
+
+    /// The upstreams of `client`, when it has its own.
+    pub fn client_upstreams(&self, client: IpAddr) -> Option<Vec<SocketAddr>> {
+        let IpAddr::V4(ip) = client else {
+            return None;
         };
-        *self.table.write().unwrap_or_else(PoisonError::into_inner) = table;
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        table.clients.get(&ip).cloned()
     }
 
     /// The addresses of `name` (accepts a trailing dot, case-insensitive).
@@ -218,6 +239,7 @@ impl Resolver {
         request: &Message,
         raw: &[u8],
         transport: Transport,
+        client: IpAddr,
     ) -> Option<Vec<u8>> {
         if request.message_type() != MessageType::Query {
             // Never answer an answer: that is how two servers loop.
@@ -230,7 +252,7 @@ impl Resolver {
         } else if let Some(local) = self.answer_locally(request) {
             local
         } else {
-            match self.forward(raw, request.id(), transport).await {
+            match self.forward(raw, request.id(), transport, client).await {
                 Some(reply) => return Some(reply),
                 None => response_to(request, ResponseCode::ServFail),
             }
@@ -279,8 +301,15 @@ impl Resolver {
     }
 
     /// The first upstream answer to `raw`, tried in order, carrying the client's query `id`.
-    async fn forward(&self, raw: &[u8], id: u16, transport: Transport) -> Option<Vec<u8>> {
-        for upstream in &self.upstreams {
+    async fn forward(
+        &self,
+        raw: &[u8],
+        id: u16,
+        transport: Transport,
+        client: IpAddr,
+    ) -> Option<Vec<u8>> {
+        let own = self.names.client_upstreams(client);
+        for upstream in own.as_ref().unwrap_or(&self.upstreams) {
             let attempt = async {
                 match transport {
                     Transport::Udp => forward_udp(raw, id, *upstream).await,
@@ -527,7 +556,10 @@ async fn serve_udp(socket: Arc<UdpSocket>, resolver: Arc<Resolver>) {
         let socket = socket.clone();
         let resolver = resolver.clone();
         queries.spawn(async move {
-            if let Some(reply) = resolver.respond(&request, &raw, Transport::Udp).await {
+            if let Some(reply) = resolver
+                .respond(&request, &raw, Transport::Udp, client.ip())
+                .await
+            {
                 if let Err(err) = socket.send_to(&reply, client).await {
                     tracing::debug!(%client, %err, "cannot send DNS answer");
                 }
@@ -561,6 +593,7 @@ async fn serve_tcp(listener: TcpListener, resolver: Arc<Resolver>) {
 /// stays idle too long or sends something that is not a DNS query.
 async fn serve_tcp_connection(stream: TcpStream, resolver: Arc<Resolver>) {
     let client = stream.peer_addr().ok();
+    let client_ip = client.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.ip());
     let (mut reader, writer) = stream.into_split();
     let writer = Arc::new(Mutex::new(writer));
     let mut queries = JoinSet::new();
@@ -587,7 +620,10 @@ async fn serve_tcp_connection(stream: TcpStream, resolver: Arc<Resolver>) {
         let resolver = resolver.clone();
         let writer = writer.clone();
         queries.spawn(async move {
-            let Some(reply) = resolver.respond(&request, &raw, Transport::Tcp).await else {
+            let Some(reply) = resolver
+                .respond(&request, &raw, Transport::Tcp, client_ip)
+                .await
+            else {
                 return;
             };
             let written = match frame(&reply) {

@@ -102,6 +102,9 @@ pub struct NetRules {
     pub internal: bool,
     /// Trust level.
     pub trust: Trust,
+    /// Outgoing traffic leaves with the host's address
+    /// (`com.docker.network.bridge.enable_ip_masquerade`, default true).
+    pub masquerade: bool,
 }
 
 /// One daemon's nftables table.
@@ -210,7 +213,10 @@ impl Firewall {
             s,
             "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;"
         );
-        for n in nets.iter().filter(|n| n.trust.outbound() && !n.internal) {
+        for n in nets
+            .iter()
+            .filter(|n| n.trust.outbound() && !n.internal && n.masquerade)
+        {
             let _ = writeln!(
                 s,
                 "    ip saddr {} oifname != \"{}\" masquerade",
@@ -250,7 +256,21 @@ mod tests {
             subnet,
             internal,
             trust,
+            masquerade: true,
         }
+    }
+
+    #[test]
+    fn a_network_without_masquerade_gets_no_nat() {
+        let f = Firewall::new("vessel_t");
+        let mut plain = net("br-e", "10.5.0.0/16", Trust::Open, false);
+        plain.masquerade = false;
+        let s = f.script(&[plain, net("br-f", "10.6.0.0/16", Trust::Open, false)]);
+        assert!(!s.contains("ip saddr 10.5.0.0/16"), "{s}");
+        assert!(
+            s.contains("ip saddr 10.6.0.0/16 oifname != \"br-f\" masquerade"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -308,6 +328,7 @@ mod host_tests {
                 gateway: subnet.first_host(),
                 internal: false,
                 trust: Trust::Open,
+                masquerade: true,
             },
             NetRules {
                 bridge: "vs-unit-b".into(),
@@ -315,6 +336,7 @@ mod host_tests {
                 gateway: "10.78.0.1".parse().expect("ip"),
                 internal: true,
                 trust: Trust::Published,
+                masquerade: true,
             },
         ];
         f.apply(&nets).expect("apply");

@@ -23,14 +23,14 @@ fn ensuring_a_bridge_again_leaves_only_its_own_gateway_address() {
     let name = format!("vbt{:x}", std::process::id() & 0xfffff);
     let subnet: Subnet = "10.251.7.0/24".parse().expect("subnet");
     let gateway = "10.251.7.1".parse().expect("gateway");
-    ensure_bridge(&name, gateway, &subnet, "unit-test").expect("make the bridge");
+    ensure_bridge(&name, gateway, &subnet, "unit-test", None).expect("make the bridge");
     // What a wiped daemon state leaves: the bridge with an earlier subnet.
     let status = Command::new("ip")
         .args(["addr", "add", "10.251.8.1/24", "dev", &name])
         .status()
         .expect("ip addr add");
     assert!(status.success());
-    let made = ensure_bridge(&name, gateway, &subnet, "unit-test");
+    let made = ensure_bridge(&name, gateway, &subnet, "unit-test", None);
     let after = addresses(&name);
     delete_link(&name).expect("delete the bridge");
     made.expect("ensure the bridge again");

@@ -318,6 +318,35 @@ async fn unknown_names_are_forwarded_unchanged_over_the_clients_transport() {
 }
 
 #[tokio::test]
+async fn a_client_with_its_own_upstreams_is_forwarded_there() {
+    let shared = fake_upstream().await;
+    let own = fake_upstream().await;
+    let names = table();
+    // Clients on loopback: 127.0.0.1 has upstreams of its own (a
+    // container's `--dns`), other clients use the server's.
+    names.replace_client_upstreams(HashMap::from([(Ipv4Addr::LOCALHOST, vec![own.addr])]));
+    let server = DnsServer::start(localhost(), names.clone(), vec![shared.addr])
+        .await
+        .expect("start DNS server");
+    let sent = query(0x0a0a, "example.org.", RecordType::A);
+    let answer = ask_udp(server.local_addr(), &sent).await;
+    assert_eq!(a_answers(&answer), vec![UPSTREAM_UDP_ANSWER]);
+    assert_eq!(*own.received.lock().expect("lock"), vec![sent]);
+    assert!(shared.received.lock().expect("lock").is_empty());
+    // Its names are still the table's.
+    let answer = ask_udp(server.local_addr(), &query(0x0b0b, "db.", RecordType::A)).await;
+    assert_eq!(a_answers(&answer), vec![DB]);
+    assert_eq!(own.received.lock().expect("lock").len(), 1);
+
+    // Without upstreams of its own, the client's queries go to the server's.
+    names.replace_client_upstreams(HashMap::new());
+    let sent = query(0x0c0c, "example.org.", RecordType::A);
+    let answer = ask_tcp(server.local_addr(), &sent).await;
+    assert_eq!(a_answers(&answer), vec![UPSTREAM_TCP_ANSWER]);
+    assert_eq!(*shared.received.lock().expect("lock"), vec![sent]);
+}
+
+#[tokio::test]
 async fn a_silent_upstream_is_skipped_for_the_next_one() {
     let silent = silent_upstream().await;
     let upstream = fake_upstream().await;

@@ -950,6 +950,9 @@ pub struct InterfaceSpec {
     pub prefix: u8,
     /// Default gateway through this interface; set on one interface only.
     pub gateway: Option<String>,
+    /// The network's MTU, when it is not Ethernet's 1500.
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 /// The MAC address QEMU gives network slot `slot` of every VM. The guest

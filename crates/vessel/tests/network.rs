@@ -662,12 +662,14 @@ fn run_flags_shape_the_guest_network() {
     let resolv = d.ok(&["exec", "mm", "cat", "/etc/resolv.conf"]);
     for want in [
         "nameserver 10.211.0.1",
-        "nameserver 10.9.9.9",
         "search example.test",
         "options ndots:2",
     ] {
         assert!(resolv.contains(want), "{want}: {resolv}");
     }
+    // As with Docker's embedded DNS, the `--dns` server is the network DNS
+    // server's upstream for this container, not a second nameserver.
+    assert!(!resolv.contains("10.9.9.9"), "{resolv}");
     let hosts = d.ok(&["exec", "mm", "cat", "/etc/hosts"]);
     assert!(hosts.contains("10.1.2.3\tdb.local"), "{hosts}");
     assert!(hosts.contains("10.211.0.9\t"), "own address: {hosts}");
@@ -726,4 +728,243 @@ fn run_flags_shape_the_guest_network() {
     let ip = d.ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "bb"]);
     assert_eq!(ip.trim(), ip_of(&d, "bb", "bridge"));
     assert!(!ip.trim().is_empty());
+}
+
+/// A DNS server on `addr` (UDP) that answers every A query with `answer`
+/// and every other query with no records, for a bounded time.
+fn fake_dns(addr: &str, answer: [u8; 4]) -> std::thread::JoinHandle<()> {
+    let socket = std::net::UdpSocket::bind(addr).expect("bind the fake DNS server");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut buf = [0u8; 512];
+        while std::time::Instant::now() < deadline {
+            let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            if len < 17 {
+                continue;
+            }
+            // The question: labels up to the root, then type and class.
+            let mut end = 12;
+            while end < len && buf[end] != 0 {
+                end += usize::from(buf[end]) + 1;
+            }
+            let qend = end + 5;
+            if qend > len {
+                continue;
+            }
+            let is_a = buf[end + 1] == 0 && buf[end + 2] == 1;
+            let mut out = Vec::new();
+            out.extend_from_slice(&buf[..2]);
+            out.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
+            out.extend_from_slice(&buf[12..qend]);
+            if is_a {
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                out.extend_from_slice(&answer);
+            }
+            let _ = socket.send_to(&out, from);
+        }
+    })
+}
+
+#[test]
+fn bridge_options_internal_routes_hosts_dns_upstreams_and_events() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    // Bad option values get the bridge driver's 400s, and nothing is made.
+    for (opt, want) in [
+        (
+            "com.docker.network.bridge.enable_icc=maybe",
+            "failed to parse com.docker.network.bridge.enable_icc value: maybe",
+        ),
+        (
+            "com.docker.network.driver.mtu=big",
+            "failed to parse com.docker.network.driver.mtu value: big",
+        ),
+        ("com.docker.network.driver.mtu=20", "invalid MTU number: 20"),
+    ] {
+        let out = d.docker(&["network", "create", "-o", opt, "badopt"]);
+        assert!(!out.status.success(), "{opt}");
+        assert!(stderr(&out).contains(want), "{}", stderr(&out));
+    }
+    let ls = d.ok(&["network", "ls", "--format", "{{.Name}}"]);
+    assert!(!ls.contains("badopt"), "{ls}");
+
+    // MTU and no inter-container traffic.
+    d.ok(&[
+        "network",
+        "create",
+        "--label",
+        "keep=yes",
+        "-o",
+        "com.docker.network.driver.mtu=1400",
+        "-o",
+        "com.docker.network.bridge.enable_icc=false",
+        "-o",
+        "com.docker.network.bridge.enable_ip_masquerade=false",
+        "quiet",
+    ]);
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+    for name in ["q1", "q2"] {
+        d.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "quiet",
+            "busybox",
+            "sleep",
+            "1000",
+        ]);
+    }
+    let link = d.ok(&["exec", "q1", "ip", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1400"), "{link}");
+    let gw = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+        "quiet",
+    ]);
+    d.ok(&["exec", "q1", "ping", "-c", "1", "-W", "2", gw.trim()]);
+    let peer = ip_of(&d, "q2", "quiet");
+    let out = d.docker(&["exec", "q1", "ping", "-c", "2", "-W", "2", &peer]);
+    assert!(
+        !out.status.success(),
+        "enable_icc=false: peers must not reach each other"
+    );
+    let subnet = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Subnet}}",
+        "quiet",
+    ]);
+    let table = Command::new("nft")
+        .args([
+            "list",
+            "table",
+            "inet",
+            &format!("vessel_{}", d.bridge_name()),
+        ])
+        .output()
+        .expect("nft");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        !table.contains(&format!("ip saddr {} ", subnet.trim())),
+        "enable_ip_masquerade=false: no NAT for the network: {table}"
+    );
+
+    // The container's own address, not a loopback one, for its hostname.
+    let own = d.ok(&["exec", "q1", "hostname", "-i"]);
+    assert_eq!(own.trim(), ip_of(&d, "q1", "quiet"));
+
+    // Start and stop show as network connect and disconnect events.
+    d.ok(&["stop", "-t", "1", "q2"]);
+    let t1 = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 1)
+    .to_string();
+    let events = d.ok(&[
+        "events",
+        "--since",
+        &t0,
+        "--until",
+        &t1,
+        "--filter",
+        "type=network",
+        "--filter",
+        "network=quiet",
+        "--format",
+        "{{.Action}} {{index .Actor.Attributes \"container\"}}",
+    ]);
+    let q2 = d.ok(&["inspect", "-f", "{{.Id}}", "q2"]);
+    assert!(
+        events.contains(&format!("connect {}", q2.trim())),
+        "{events}"
+    );
+    assert!(
+        events.contains(&format!("disconnect {}", q2.trim())),
+        "{events}"
+    );
+
+    // An internal network gives no default route.
+    d.ok(&["network", "create", "--internal", "inner"]);
+    d.ok(&["network", "connect", "inner", "q2"]);
+    d.ok(&["start", "q2"]);
+    let route = d.ok(&["exec", "q2", "ip", "route"]);
+    assert!(route.contains("default via"), "quiet still routes: {route}");
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "q3",
+        "--network",
+        "inner",
+        "busybox",
+        "sleep",
+        "1000",
+    ]);
+    let route = d.ok(&["exec", "q3", "ip", "route"]);
+    assert!(!route.contains("default"), "{route}");
+
+    // --dns: the upstream of the container's queries on a user network; on
+    // the default bridge, its nameserver.
+    let upstream = fake_dns("127.0.0.77:53", [10, 77, 0, 7]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "q4",
+        "--network",
+        "quiet",
+        "--dns",
+        "127.0.0.77",
+        "busybox",
+        "sleep",
+        "1000",
+    ]);
+    let looked = d.ok(&["exec", "q4", "nslookup", "anything.example.test"]);
+    assert!(looked.contains("10.77.0.7"), "{looked}");
+    let resolv = d.ok(&[
+        "run",
+        "--rm",
+        "--dns",
+        "10.9.9.9",
+        "busybox",
+        "cat",
+        "/etc/resolv.conf",
+    ]);
+    assert_eq!(resolv.trim(), "nameserver 10.9.9.9", "{resolv}");
+
+    // Prune by label! and until: nothing in use or labelled keep=yes goes.
+    for c in ["q1", "q2", "q3", "q4"] {
+        d.ok(&["rm", "-f", c]);
+    }
+    d.ok(&["network", "create", "young"]);
+    let pruned = d.ok(&["network", "prune", "-f", "--filter", "until=1h"]);
+    assert!(
+        !pruned.contains("young") && !pruned.contains("inner"),
+        "{pruned}"
+    );
+    let pruned = d.ok(&["network", "prune", "-f", "--filter", "label!=keep=yes"]);
+    assert!(
+        pruned.contains("young") && pruned.contains("inner"),
+        "{pruned}"
+    );
+    assert!(!pruned.contains("quiet"), "{pruned}");
+    let bad = d.docker(&["network", "prune", "-f", "--filter", "until=soon"]);
+    assert!(!bad.status.success());
+    d.ok(&["network", "rm", "quiet"]);
+    drop(upstream);
 }
