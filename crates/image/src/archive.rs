@@ -138,9 +138,12 @@ fn parse_tags(tags: &[String]) -> Result<Vec<Reference>> {
 
 /// Find the images in an extracted archive.
 pub(crate) fn read(root: &Path) -> Result<Vec<Candidate>> {
-    if root.join("manifest.json").is_file() {
+    // Resolved inside the archive: a `manifest.json` that is a symlink to a
+    // host file must not make the daemon read that file.
+    let has = |name: &str| archive_path(root, name).is_ok();
+    if has("manifest.json") {
         read_manifest_json(root)
-    } else if root.join("index.json").is_file() {
+    } else if has("index.json") {
         read_oci(root)
     } else {
         Err(inv(
@@ -150,7 +153,7 @@ pub(crate) fn read(root: &Path) -> Result<Vec<Candidate>> {
 }
 
 fn read_manifest_json(root: &Path) -> Result<Vec<Candidate>> {
-    let data = read_small(&root.join("manifest.json"), JSON_LIMIT)?;
+    let data = read_small(&archive_path(root, "manifest.json")?, JSON_LIMIT)?;
     let entries: Vec<ManifestEntry> =
         serde_json::from_slice(&data).map_err(|e| inv(format!("manifest.json: {e}")))?;
     let mut out = Vec::new();
@@ -186,7 +189,7 @@ const INDEX_TYPES: [&str; 2] = [
 ];
 
 fn read_oci(root: &Path) -> Result<Vec<Candidate>> {
-    let data = read_small(&root.join("index.json"), JSON_LIMIT)?;
+    let data = read_small(&archive_path(root, "index.json")?, JSON_LIMIT)?;
     let index: Index =
         serde_json::from_slice(&data).map_err(|e| inv(format!("index.json: {e}")))?;
     let mut out = Vec::new();
@@ -244,7 +247,8 @@ fn resolve_manifest(root: &Path, desc: &Descriptor, depth: u32) -> Result<OciMan
     }
     let index: Index = serde_json::from_value(v).map_err(|e| inv(format!("index {hex}: {e}")))?;
     let present = |d: &&Descriptor| {
-        digest_hex(&d.digest).is_ok_and(|h| root.join("blobs/sha256").join(h).is_file())
+        digest_hex(&d.digest)
+            .is_ok_and(|h| archive_path(root, &format!("blobs/sha256/{h}")).is_ok())
     };
     let pick = index
         .manifests

@@ -26,6 +26,37 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const WHITEOUT_META_PREFIX: &str = ".wh..wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 
+/// The most a layer's sparse files may claim beyond the data they hold (the
+/// sum of their holes). A few bytes of tar can describe a terabyte file;
+/// beyond this the layer is refused rather than read for hours.
+pub const MAX_SPARSE_HOLES: u64 = 4 << 30;
+
+/// Copies `reader` to `f`, seeking over blocks of zeros instead of writing
+/// them, so that a sparse file stays sparse on the host; returns the bytes
+/// read.
+fn copy_sparse(reader: &mut impl Read, f: &mut File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf[..n].iter().all(|b| *b == 0) {
+            f.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            f.write_all(&buf[..n])?;
+        }
+        total += n as u64;
+    }
+    // A file that ends in a hole gets its length.
+    f.set_len(total)?;
+    Ok(total)
+}
+
 /// Apply one layer tar (uncompressed) onto `root`, honouring OCI whiteouts.
 /// Applying the layers of an image in order onto an empty directory flattens it.
 pub fn extract_layer<R: Read>(reader: R, root: &Path) -> Result<()> {
@@ -206,6 +237,7 @@ fn extract<R: Read>(reader: R, root: &Path, whiteouts: bool) -> Result<()> {
     let root = fs::canonicalize(root).ctx(|| format!("resolving {}", root.display()))?;
     let mut ar = tar::Archive::new(reader);
     let mut touched: HashSet<PathBuf> = HashSet::new();
+    let mut holes = 0u64;
     let entries = ar.entries().map_err(|e| bad(format!("reading tar: {e}")))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("reading tar entry: {e}")))?;
@@ -259,6 +291,19 @@ fn extract<R: Read>(reader: R, root: &Path, whiteouts: bool) -> Result<()> {
                 None => fs::create_dir(&full).ctx(|| format!("creating {}", full.display()))?,
             },
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                if kind == tar::EntryType::GNUSparse {
+                    // The size the file claims against the data the tar holds.
+                    let stored = header.entry_size().unwrap_or(0);
+                    holes = holes.saturating_add(entry.size().saturating_sub(stored));
+                    if holes > MAX_SPARSE_HOLES {
+                        return Err(bad(format!(
+                            "sparse file {} of {} bytes: the layer's sparse files claim more than {} bytes beyond their data",
+                            raw.display(),
+                            entry.size(),
+                            MAX_SPARSE_HOLES
+                        )));
+                    }
+                }
                 if existing.is_some() {
                     remove_any(&full)?;
                 }
@@ -271,7 +316,7 @@ fn extract<R: Read>(reader: R, root: &Path, whiteouts: bool) -> Result<()> {
                     .ctx(|| format!("creating {}", full.display()))?;
                 // Copies only the bytes the tar holds: a lying size header ends in an
                 // error at EOF, never in a huge write.
-                io::copy(&mut entry, &mut f)
+                copy_sparse(&mut entry, &mut f)
                     .map_err(|e| bad(format!("reading data of {}: {e}", raw.display())))?;
             }
             tar::EntryType::Symlink => {

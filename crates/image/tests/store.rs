@@ -476,6 +476,68 @@ fn extraction_rejects_escapes() {
 }
 
 #[test]
+fn load_never_reads_host_files_through_the_archives_symlinks() {
+    let d = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&d.path().join("store")).unwrap();
+    let host = d.path().join("host-secret.json");
+    std::fs::write(&host, "not json, and not the archive's").unwrap();
+    for name in ["manifest.json", "index.json"] {
+        let link = format!("{name}->{}", host.display());
+        let err = store.load(&tar_of(&[(&link, b"")])[..]).unwrap_err();
+        assert!(
+            err.to_string().contains("no manifest.json or index.json"),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// A GNU number field in base-256 (big enough for any size).
+fn base256(field: &mut [u8; 12], value: u64) {
+    *field = [0; 12];
+    field[0] = 0x80;
+    field[4..].copy_from_slice(&value.to_be_bytes());
+}
+
+/// A tar of one GNU sparse file `name` of `size` bytes whose only data is
+/// its last 512 bytes (all `b'x'`); everything before is a hole.
+fn sparse_tar(name: &[u8], size: u64) -> Vec<u8> {
+    let mut h = hdr(name, tar::EntryType::GNUSparse, 512, 0o644);
+    let gnu = h.as_gnu_mut().expect("GNU header");
+    base256(&mut gnu.realsize, size);
+    base256(&mut gnu.sparse[0].offset, size - 512);
+    base256(&mut gnu.sparse[0].numbytes, 512);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(&[b'x'; 512]);
+    out.extend_from_slice(&[0; 1024]);
+    out
+}
+
+#[test]
+fn sparse_files_stay_sparse_and_huge_ones_are_refused() {
+    use std::os::unix::fs::MetadataExt;
+    // 64 MiB claimed, 512 bytes held: extracted with its hole.
+    let (_d, root) = fresh();
+    extract_layer(&sparse_tar(b"holes", 64 << 20)[..], &root).unwrap();
+    let m = std::fs::metadata(root.join("holes")).unwrap();
+    assert_eq!(m.len(), 64 << 20);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "written sparse: {} blocks",
+        m.blocks()
+    );
+    let data = std::fs::read(root.join("holes")).unwrap();
+    assert!(data[..(64 << 20) - 512].iter().all(|b| *b == 0));
+    assert!(data[(64 << 20) - 512..].iter().all(|b| *b == b'x'));
+
+    // A terabyte in a few bytes of tar is refused at once, nothing written.
+    let (_d, root) = fresh();
+    let err = extract_layer(&sparse_tar(b"huge", 1 << 40)[..], &root).unwrap_err();
+    assert!(err.to_string().contains("sparse file huge"), "{err}");
+    assert!(!root.join("huge").exists());
+}
+
+#[test]
 fn whiteouts() {
     let (_d, root) = fresh();
     let l1 = tar_of(&[
