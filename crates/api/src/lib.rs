@@ -312,7 +312,49 @@ async fn info(State(s): State<AppState>) -> axum::Json<SystemInfo> {
         },
     );
     let (mem_total, ncpu) = host_resources();
+    let registry = s.engine.registry();
+    let rc = registry.config();
+    // As dockerd shows it: CIDRs apart, host entries (and docker.io with
+    // its mirrors) as index configs. Loopback is always insecure.
+    let (cidrs, hosts): (Vec<String>, Vec<String>) = rc
+        .insecure_registries
+        .iter()
+        .cloned()
+        .partition(|r| r.contains('/'));
+    let mut cidrs = cidrs;
+    if rc.insecure_loopback {
+        cidrs.insert(0, "::1/128".into());
+        cidrs.insert(0, "127.0.0.0/8".into());
+    }
+    let mut index_configs = HashMap::new();
+    index_configs.insert(
+        "docker.io".to_string(),
+        bollard_stubs::models::IndexInfo {
+            name: Some("docker.io".into()),
+            mirrors: Some(rc.mirrors.clone()),
+            secure: Some(true),
+            official: Some(true),
+        },
+    );
+    for h in hosts {
+        index_configs.insert(
+            h.clone(),
+            bollard_stubs::models::IndexInfo {
+                name: Some(h),
+                mirrors: Some(vec![]),
+                secure: Some(false),
+                official: Some(false),
+            },
+        );
+    }
+    let registry_config = bollard_stubs::models::RegistryServiceConfig {
+        insecure_registry_cidrs: Some(cidrs),
+        index_configs: Some(index_configs),
+        mirrors: Some(rc.mirrors.clone()),
+        ..Default::default()
+    };
     axum::Json(SystemInfo {
+        registry_config: Some(registry_config),
         id: Some("vessel".into()),
         containers: Some(f.containers as i64),
         containers_running: Some(f.running as i64),
@@ -341,7 +383,7 @@ async fn info(State(s): State<AppState>) -> axum::Json<SystemInfo> {
         cpu_cfs_quota: Some(false),
         cpu_shares: Some(false),
         cpu_set: Some(true),
-        pids_limit: Some(false),
+        pids_limit: Some(true),
         oom_kill_disable: Some(false),
         ipv4_forwarding: Some(false),
         debug: Some(false),
@@ -797,14 +839,23 @@ async fn containers_list(State(s): State<AppState>, req: Request) -> ApiResult<R
 
 async fn containers_prune(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
     let q = Query::of(req.uri());
-    if !parse_filters(&q)?.is_empty() {
-        return Err(ApiError::bad(
-            "container prune filters are not supported yet",
-        ));
+    let mut f = vessel_engine::ContainerPruneFilters::default();
+    for (k, v) in parse_filters(&q)? {
+        match k.as_str() {
+            "label" => f.label = v,
+            "label!" => f.label_not = v,
+            "until" => {
+                let [u] = v.as_slice() else {
+                    return Err(ApiError::bad("more than one until filter specified"));
+                };
+                f.until = Some(images::unix_from_filter(u)?);
+            }
+            _ => return Err(ApiError::bad(format!("invalid filter '{k}'"))),
+        }
     }
-    let deleted = s.engine.prune().await;
+    let (deleted, space) = s.engine.prune(&f).await;
     Ok(
-        axum::Json(serde_json::json!({ "ContainersDeleted": deleted, "SpaceReclaimed": 0 }))
+        axum::Json(serde_json::json!({ "ContainersDeleted": deleted, "SpaceReclaimed": space }))
             .into_response(),
     )
 }
@@ -1019,8 +1070,9 @@ async fn container_create(State(s): State<AppState>, req: Request) -> ApiResult<
     let bytes = axum::body::to_bytes(req.into_body(), 16 * 1024 * 1024)
         .await
         .map_err(|e| ApiError::bad(format!("reading request body: {e}")))?;
-    let body: ContainerCreateBody =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))?;
+    let body: ContainerCreateBody = serde_json::from_slice(&bytes).map_err(|e| {
+        restart_policy_error(&bytes).unwrap_or_else(|| ApiError::bad(format!("invalid JSON: {e}")))
+    })?;
     let id = s.engine.create(q.get("name"), body).await?;
     Ok((
         StatusCode::CREATED,
@@ -1030,6 +1082,19 @@ async fn container_create(State(s): State<AppState>, req: Request) -> ApiResult<
         }),
     )
         .into_response())
+}
+
+/// dockerd's answer to a restart policy name it does not know, which the
+/// typed model cannot even parse.
+fn restart_policy_error(body: &[u8]) -> Option<ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let name = v.pointer("/HostConfig/RestartPolicy/Name")?.as_str()?;
+    if ["", "no", "always", "on-failure", "unless-stopped"].contains(&name) {
+        return None;
+    }
+    Some(ApiError::bad(format!(
+        "invalid restart policy: unknown policy '{name}'; use one of 'no', 'always', 'on-failure', or 'unless-stopped'"
+    )))
 }
 
 async fn container_inspect(
@@ -1117,11 +1182,9 @@ async fn container_restart(
     req: Request,
 ) -> ApiResult<StatusCode> {
     let q = Query::of(req.uri());
-    match s.engine.stop(&id, stop_args(&q)?, q.get("signal")).await {
-        Ok(()) | Err(EngineError::NotModified) => {}
-        Err(e) => return Err(e.into()),
-    }
-    s.engine.start(&id).await?;
+    s.engine
+        .restart(&id, stop_args(&q)?, q.get("signal"))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1682,6 +1745,23 @@ async fn exec_inspect(State(s): State<AppState>, Path(id): Path<String>) -> ApiR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_restart_policies_get_dockerds_message() {
+        let e = restart_policy_error(br#"{"HostConfig":{"RestartPolicy":{"Name":"sometimes"}}}"#)
+            .expect("an error");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.contains("unknown policy 'sometimes'"),
+            "{}",
+            e.message
+        );
+        assert!(
+            restart_policy_error(br#"{"HostConfig":{"RestartPolicy":{"Name":"always"}}}"#)
+                .is_none()
+        );
+        assert!(restart_policy_error(b"not json").is_none());
+    }
 
     #[test]
     fn image_filters_of_events_match_without_the_tag() {

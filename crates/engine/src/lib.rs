@@ -247,6 +247,33 @@ pub struct SystemFacts {
     pub default_memory_mib: u64,
 }
 
+/// Filters of `docker container prune`.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerPruneFilters {
+    /// `until=`: created before this time (unix seconds).
+    pub until: Option<i64>,
+    /// `label=key[=value]`: every one must match.
+    pub label: Vec<String>,
+    /// `label!=key[=value]`: none may match.
+    pub label_not: Vec<String>,
+}
+
+impl ContainerPruneFilters {
+    fn matches(&self, rec: &ContainerRecord) -> bool {
+        let labels = rec.config.labels.clone().unwrap_or_default();
+        let has = |l: &String| match l.split_once('=') {
+            Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
+            None => labels.contains_key(l),
+        };
+        let old_enough = self.until.is_none_or(|u| {
+            chrono::DateTime::parse_from_rfc3339(&rec.created)
+                .map(|c| c.timestamp() < u)
+                .unwrap_or(false)
+        });
+        old_enough && self.label.iter().all(has) && !self.label_not.iter().any(has)
+    }
+}
+
 /// Options of `docker logs`.
 #[derive(Debug, Clone, Default)]
 pub struct LogsOptions {
@@ -854,15 +881,27 @@ impl Engine {
         Ok(vec![])
     }
 
-    /// `docker container prune`: removes every container that is not running.
-    pub async fn prune(&self) -> Vec<String> {
+    /// `docker container prune`: removes the containers that are not
+    /// running and pass `filters`; returns their ids and the bytes their
+    /// writable layers took on the host.
+    pub async fn prune(&self, filters: &ContainerPruneFilters) -> (Vec<String>, u64) {
         let mut removed = vec![];
+        let mut space = 0u64;
         for h in self.handles() {
-            if !h.rec().running() && self.remove(&h.id, false).await.is_ok() {
+            let rec = h.rec();
+            if rec.running() || !filters.matches(&rec) {
+                continue;
+            }
+            let upper = self.container_dir(&rec.id).join("upper.qcow2");
+            let size = std::fs::metadata(&upper)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            if self.remove(&h.id, false).await.is_ok() {
                 removed.push(h.id.clone());
+                space += size;
             }
         }
-        removed
+        (removed, space)
     }
 
     async fn qmp(&self, id: &str, command: &'static str) -> Result<(), EngineError> {
@@ -1075,6 +1114,13 @@ impl Engine {
         let images = self.inner.images.clone();
         let lookup_name = image_name.clone();
         let image = blocking(move || images.resolve(&lookup_name)).await??;
+        if let Some(sig) = body.stop_signal.as_deref().filter(|s| !s.is_empty()) {
+            if signal::parse(sig).is_none() {
+                return Err(EngineError::InvalidParameter(format!(
+                    "Invalid signal: {sig}"
+                )));
+            }
+        }
         let host_config = body.host_config.clone().unwrap_or_default();
         log_driver(&host_config)?;
         for path in host_config.tmpfs.iter().flat_map(|t| t.keys()) {
@@ -1728,11 +1774,13 @@ impl Engine {
                 }))) => {
                     if let Some(e) = self.exec_by_num(&id, exec_id) {
                         e.finish(i64::from(exit_code), Some(message));
+                        self.exec_event(&e, "exec_die", false, Some(i64::from(exit_code)));
                     }
                 }
                 Ok(Some(Incoming::Msg(GuestMsg::ExecExited { exec_id, exit_code }))) => {
                     if let Some(e) = self.exec_by_num(&id, exec_id) {
                         e.finish(i64::from(exit_code), None);
+                        self.exec_event(&e, "exec_die", false, Some(i64::from(exit_code)));
                     }
                 }
                 Ok(Some(Incoming::Msg(GuestMsg::Error { message }))) => {
@@ -1951,6 +1999,23 @@ impl Engine {
         Ok(())
     }
 
+    /// `docker restart`: stop (if running), start, and a `restart` event.
+    pub async fn restart(
+        &self,
+        name_or_id: &str,
+        timeout: Option<i64>,
+        signal: Option<&str>,
+    ) -> Result<(), EngineError> {
+        match self.stop(name_or_id, timeout, signal).await {
+            Ok(()) | Err(EngineError::NotModified) => {}
+            Err(e) => return Err(e),
+        }
+        self.start(name_or_id).await?;
+        let h = self.lookup(name_or_id)?;
+        self.container_event(&h.rec(), "restart", &[]);
+        Ok(())
+    }
+
     async fn stop_inner(
         &self,
         name_or_id: &str,
@@ -1968,18 +2033,25 @@ impl Engine {
             }
             return Err(EngineError::NotModified);
         }
-        let sig_name = signal
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .or_else(|| rec.config.stop_signal.clone().filter(|s| !s.is_empty()))
-            .unwrap_or_else(|| "SIGTERM".into());
-        let sig = signal::parse(&sig_name)
-            .ok_or_else(|| EngineError::InvalidParameter(format!("Invalid signal: {sig_name}")))?;
+        let sig = match signal.filter(|s| !s.is_empty()) {
+            Some(name) => signal::parse(name)
+                .ok_or_else(|| EngineError::InvalidParameter(format!("Invalid signal: {name}")))?,
+            // The container's (or its image's) stop signal; one that does
+            // not parse falls back to SIGTERM, as with dockerd.
+            None => match rec.config.stop_signal.as_deref().filter(|s| !s.is_empty()) {
+                Some(name) => signal::parse(name).unwrap_or_else(|| {
+                    warn!(id = %rec.id, signal = name, "invalid stop signal, using SIGTERM");
+                    libc::SIGTERM
+                }),
+                None => libc::SIGTERM,
+            },
+        };
         let t = timeout.or(rec.config.stop_timeout).unwrap_or(10);
         let rec = h.update(|r| r.manually_stopped = true);
         self.persist(&rec)?;
         self.thaw(&h).await;
         let exits0 = h.status.borrow().exits;
+        self.container_event(&rec, "kill", &[("signal", sig.to_string())]);
         let _ = self.signal(&h, sig).await;
         let grace = if t < 0 {
             None
@@ -1989,6 +2061,7 @@ impl Engine {
         if self.wait_exit_of(&h, exits0, grace).await {
             return Ok(());
         }
+        self.container_event(&rec, "kill", &[("signal", libc::SIGKILL.to_string())]);
         let _ = self.signal(&h, libc::SIGKILL).await;
         if self
             .wait_exit_of(&h, exits0, Some(Duration::from_secs(5)))
@@ -2107,6 +2180,7 @@ impl Engine {
     pub fn attach(&self, name_or_id: &str) -> Result<(String, Attach), EngineError> {
         let h = self.lookup(name_or_id)?;
         let rec = h.rec();
+        self.container_event(&rec, "attach", &[]);
         Ok((
             h.id.clone(),
             Attach {
@@ -2296,8 +2370,28 @@ impl Engine {
             .execs
             .lock()
             .map_err(|e| internal("exec table", e))?
-            .insert(id.clone(), e);
+            .insert(id.clone(), e.clone());
+        self.exec_event(&e, "exec_create", true, None);
         Ok(id)
+    }
+
+    /// An exec event as dockerd emits it (`exec_create: sh -c …`,
+    /// `exec_start: …`, `exec_die` with the exit code), on the container.
+    fn exec_event(&self, e: &ExecHandle, action: &str, with_cmd: bool, exit_code: Option<i64>) {
+        let Ok(h) = self.lookup(&e.container_id) else {
+            return;
+        };
+        let action = if with_cmd {
+            let cmd = e.config.cmd.clone().unwrap_or_default().join(" ");
+            format!("{action}: {cmd}")
+        } else {
+            action.to_string()
+        };
+        let mut extra = vec![("execID", e.id.clone())];
+        if let Some(code) = exit_code {
+            extra.push(("exitCode", code.to_string()));
+        }
+        self.container_event(&h.rec(), &action, &extra);
     }
 
     /// Finds an exec instance by id or unambiguous prefix.
@@ -2354,6 +2448,7 @@ impl Engine {
         }
         g.state = ExecState::Starting;
         drop(g);
+        self.exec_event(&e, "exec_start", true, None);
         Ok(e)
     }
 
@@ -2701,12 +2796,13 @@ fn merge_config(
         stdin_once: Some(body.stdin_once.unwrap_or(false)),
         env: Some(env),
         cmd,
-        healthcheck: body.healthcheck.clone().or_else(|| {
+        healthcheck: merge_healthcheck(
+            body.healthcheck.clone(),
             image
                 .healthcheck
                 .clone()
-                .and_then(|v| serde_json::from_value(v).ok())
-        }),
+                .and_then(|v| serde_json::from_value(v).ok()),
+        ),
         args_escaped: body.args_escaped,
         image: Some(image_name.to_string()),
         volumes: body.volumes.clone(),
@@ -2719,6 +2815,41 @@ fn merge_config(
         stop_timeout: body.stop_timeout,
         shell: body.shell.clone(),
     }
+}
+
+/// The container's health check as dockerd merges it: the image's, with
+/// each field the request sets (`--health-interval` alone keeps the
+/// image's test command).
+fn merge_healthcheck(
+    user: Option<bollard_stubs::models::HealthConfig>,
+    image: Option<bollard_stubs::models::HealthConfig>,
+) -> Option<bollard_stubs::models::HealthConfig> {
+    let Some(mut user) = user else {
+        return image;
+    };
+    let Some(image) = image else {
+        return Some(user);
+    };
+    let unset = |v: Option<i64>| v.is_none_or(|x| x == 0);
+    if user.test.as_ref().is_none_or(|t| t.is_empty()) {
+        user.test = image.test;
+    }
+    if unset(user.interval) {
+        user.interval = image.interval;
+    }
+    if unset(user.timeout) {
+        user.timeout = image.timeout;
+    }
+    if unset(user.start_period) {
+        user.start_period = image.start_period;
+    }
+    if unset(user.start_interval) {
+        user.start_interval = image.start_interval;
+    }
+    if unset(user.retries) {
+        user.retries = image.retries;
+    }
+    Some(user)
 }
 
 /// A map of the host config as (key, value) pairs in key order.
@@ -2773,4 +2904,35 @@ fn make_upper(blank: &Path, upper: &Path) -> Result<(), EngineError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_healthcheck;
+    use bollard_stubs::models::HealthConfig;
+
+    #[test]
+    fn health_checks_merge_field_by_field_as_dockerd() {
+        let image = HealthConfig {
+            test: Some(vec!["CMD-SHELL".into(), "true".into()]),
+            interval: Some(30_000_000_000),
+            retries: Some(3),
+            ..Default::default()
+        };
+        let user = HealthConfig {
+            interval: Some(5_000_000_000),
+            ..Default::default()
+        };
+        let m = merge_healthcheck(Some(user), Some(image.clone())).expect("merged");
+        assert_eq!(m.test, image.test, "the image's test command stays");
+        assert_eq!(m.interval, Some(5_000_000_000));
+        assert_eq!(m.retries, Some(3));
+        assert_eq!(merge_healthcheck(None, Some(image.clone())), Some(image));
+        let none = HealthConfig {
+            test: Some(vec!["NONE".into()]),
+            ..Default::default()
+        };
+        let m = merge_healthcheck(Some(none.clone()), None).expect("user's");
+        assert_eq!(m.test, none.test);
+    }
 }

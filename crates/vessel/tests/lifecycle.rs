@@ -647,3 +647,86 @@ fn read_only_tmpfs_and_sysctl_apply_inside_the_vm() {
         stderr(&out)
     );
 }
+
+#[test]
+fn lifecycle_events_prune_filters_and_bad_stop_signals() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    let bad = d.docker(&["create", "--stop-signal", "FOO", "busybox", "true"]);
+    assert!(
+        stderr(&bad).contains("Invalid signal: FOO"),
+        "{}",
+        stderr(&bad)
+    );
+    assert_eq!(d.ok(&["ps", "-aq"]).trim(), "", "nothing half-made");
+
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+    d.ok(&["run", "-d", "--name", "ev", "busybox", "sleep", "1000"]);
+    let _ = d.docker(&["exec", "ev", "sh", "-c", "exit 3"]);
+    d.ok(&["restart", "-t", "1", "ev"]);
+    let t1 = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 1)
+    .to_string();
+    let events = d.ok(&[
+        "events",
+        "--since",
+        &t0,
+        "--until",
+        &t1,
+        "--filter",
+        "container=ev",
+        "--filter",
+        "image=busybox",
+        "--format",
+        "{{.Action}}|{{index .Actor.Attributes \"exitCode\"}}",
+    ]);
+    for want in [
+        "exec_create: sh -c exit 3|",
+        "exec_start: sh -c exit 3|",
+        "exec_die|3",
+        "kill|",
+        "die|",
+        "stop|",
+        "start|",
+        "restart|",
+    ] {
+        assert!(
+            events.lines().any(|l| l.starts_with(want)),
+            "{want}: {events}"
+        );
+    }
+
+    // container prune: label!, label and until filters.
+    d.ok(&["rm", "-f", "ev"]);
+    d.ok(&[
+        "create", "--name", "keep", "--label", "keep=1", "busybox", "true",
+    ]);
+    d.ok(&["create", "--name", "drop", "busybox", "true"]);
+    let out = d.ok(&["container", "prune", "-f", "--filter", "until=1h"]);
+    assert!(!out.contains(
+        &d.ok(&["inspect", "-f", "{{.Id}}", "drop"])
+            .trim()
+            .to_string()
+    ));
+    let drop_id = d.ok(&["inspect", "-f", "{{.Id}}", "drop"]);
+    let out = d.ok(&["container", "prune", "-f", "--filter", "label!=keep=1"]);
+    assert!(out.contains(drop_id.trim()), "{out}");
+    let left = d.ok(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert_eq!(left.trim(), "keep");
+    let out = d.ok(&["container", "prune", "-f", "--filter", "label=keep"]);
+    assert!(!out.is_empty());
+    assert_eq!(d.ok(&["ps", "-aq"]).trim(), "");
+    let bad = d.docker(&["container", "prune", "-f", "--filter", "bogus=1"]);
+    assert!(
+        stderr(&bad).contains("invalid filter 'bogus'"),
+        "{}",
+        stderr(&bad)
+    );
+}
