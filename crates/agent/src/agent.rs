@@ -159,6 +159,12 @@ impl Agent {
                     processes: crate::top::processes(root.as_deref()),
                 });
             }
+            HostMsg::SetPidsLimit { req_id, limit } => {
+                let error = crate::restrict::set_pids_limit(limit)
+                    .err()
+                    .map(|e| e.to_string());
+                self.writer.send(&GuestMsg::Updated { req_id, error });
+            }
             HostMsg::Stats { req_id } => {
                 let (pids, memory) = crate::restrict::usage();
                 self.writer.send(&GuestMsg::Stats {

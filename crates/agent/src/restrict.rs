@@ -214,6 +214,17 @@ pub fn oom_kills() -> u64 {
         .unwrap_or(0)
 }
 
+/// Changes the container cgroup's `pids.max` (`None` or ≤ 0: `max`).
+pub fn set_pids_limit(limit: Option<i64>) -> io::Result<()> {
+    let file = Path::new(CGROUP_ROOT).join("container/pids.max");
+    let value = match limit.filter(|l| *l > 0) {
+        Some(l) => l.to_string(),
+        None => "max".to_string(),
+    };
+    std::fs::write(&file, value)
+        .map_err(|e| io::Error::new(e.kind(), format!("write {}: {e}", file.display())))
+}
+
 /// The container cgroup's process count (`pids.current`) and memory use
 /// (`memory.current`, bytes); zeros before the cgroup exists.
 pub fn usage() -> (u64, u64) {

@@ -328,7 +328,8 @@ struct Inner {
     networks: Arc<network::Networks>,
     /// DNS servers and published-port proxies.
     net_services: network::NetServices,
-    /// Interface changes (`docker network connect`) waiting for the agent's
+    /// Interface and limit changes (`docker network connect`, `docker
+    /// update --pids-limit`) waiting for the agent's
     /// answer, by request id.
     iface_waiters: Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Option<String>>>>,
     /// Copies (`docker cp`) under way, by copy id.
@@ -539,6 +540,39 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req_id);
         answer.ok_or_else(not_running)
+    }
+
+    /// Changes the process limit inside a running container's VM.
+    async fn set_pids_limit(&self, h: &Handle, limit: Option<i64>) -> Result<(), EngineError> {
+        let not_running = || EngineError::Conflict(format!("container {} is not running", h.id));
+        let writer = h.live.lock().await.writer.clone().ok_or_else(not_running)?;
+        let req_id = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .iface_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req_id, tx);
+        let answer = match writer.send(&HostMsg::SetPidsLimit { req_id, limit }).await {
+            Ok(()) => tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        self.inner
+            .iface_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req_id);
+        match answer {
+            Some(None) => Ok(()),
+            Some(Some(e)) => Err(internal("setting the PIDs limit in the guest", e)),
+            None => Err(internal(
+                "setting the PIDs limit in the guest",
+                "the agent did not answer",
+            )),
+        }
     }
 
     /// What the agent of a running container reports for `docker stats`;
@@ -832,6 +866,39 @@ impl Engine {
         if let Some(c) = body.cpuset_cpus.clone().filter(|c| !c.is_empty()) {
             hc.cpuset_cpus = Some(c);
         }
+        // As dockerd: 0 leaves the limit, -1 (any value ≤ 0) removes it.
+        let pids_changed = body.pids_limit.filter(|p| *p != 0);
+        if let Some(p) = pids_changed {
+            hc.pids_limit = Some(if p < 0 { 0 } else { p });
+        }
+        // What a VM cannot honour is refused, not ignored.
+        let unsupported = [
+            ("--cpu-shares", body.cpu_shares.is_some_and(|v| v != 0)),
+            ("--cpu-period", body.cpu_period.is_some_and(|v| v != 0)),
+            ("--cpu-quota", body.cpu_quota.is_some_and(|v| v != 0)),
+            (
+                "--cpu-rt-period",
+                body.cpu_realtime_period.is_some_and(|v| v != 0),
+            ),
+            (
+                "--cpu-rt-runtime",
+                body.cpu_realtime_runtime.is_some_and(|v| v != 0),
+            ),
+            (
+                "--cpuset-mems",
+                body.cpuset_mems.as_ref().is_some_and(|v| !v.is_empty()),
+            ),
+            ("--blkio-weight", body.blkio_weight.is_some_and(|v| v != 0)),
+            (
+                "--memory-reservation",
+                body.memory_reservation.is_some_and(|v| v != 0),
+            ),
+        ];
+        if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(EngineError::InvalidParameter(format!(
+                "{flag} cannot be updated on Vessel: a container is a VM with its own vCPUs, memory and disks (use --cpus, --cpuset-cpus or --memory)"
+            )));
+        }
         let shape = self.shape(&hc, true)?;
         // dockerd checks the values first (400), then what they would
         // change (409).
@@ -848,6 +915,9 @@ impl Engine {
                 "cannot change the memory or CPUs of running container {}: its VM has {} MiB and {} vCPUs; stop it, update it, and start it again",
                 rec.id, rec.vm.memory_mib, rec.vm.vcpus
             )));
+        }
+        if rec.running() && pids_changed.is_some() {
+            self.set_pids_limit(&h, hc.pids_limit).await?;
         }
         if rec.running() && hc.cpuset_cpus != rec.host_config.cpuset_cpus {
             if let (Some(pid), Some(cpus)) = (rec.state.pid, cpuset_of(&hc)?) {
@@ -1788,7 +1858,10 @@ impl Engine {
                 }
                 Ok(Some(Incoming::Msg(msg))) => match self.copy_message(msg) {
                     None => {}
-                    Some(GuestMsg::InterfacesSet { req_id, error }) => {
+                    Some(
+                        GuestMsg::InterfacesSet { req_id, error }
+                        | GuestMsg::Updated { req_id, error },
+                    ) => {
                         let waiter = self
                             .inner
                             .iface_waiters

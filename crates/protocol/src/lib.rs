@@ -268,6 +268,15 @@ pub enum HostMsg {
         /// Host-chosen id, echoed in the answer.
         req_id: u32,
     },
+    /// `docker update --pids-limit` of a running container: the new limit of
+    /// the container's processes (`None` or ≤ 0: unlimited). Answered by
+    /// [`GuestMsg::Updated`].
+    SetPidsLimit {
+        /// Host-chosen id, echoed in the answer.
+        req_id: u32,
+        /// The limit.
+        limit: Option<i64>,
+    },
     /// `docker stats`: what only the guest knows; answer [`GuestMsg::Stats`].
     Stats {
         /// Host-chosen id, echoed in the answer.
@@ -329,6 +338,13 @@ pub enum GuestMsg {
         titles: Vec<String>,
         /// One row per process.
         processes: Vec<Vec<String>>,
+    },
+    /// Answer to [`HostMsg::SetPidsLimit`].
+    Updated {
+        /// The request's id.
+        req_id: u32,
+        /// Why the change failed, if it did.
+        error: Option<String>,
     },
     /// Answer to [`HostMsg::Stats`]: the container's cgroup in the guest.
     Stats {

@@ -458,6 +458,39 @@ fn update_changes_what_a_vm_can_change() {
         .trim(),
         "on-failure 3"
     );
+    // So can the PIDs limit, live in the guest: 5 processes, then a fork
+    // fails.
+    d.ok(&["update", "--pids-limit", "5", "up"]);
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.HostConfig.PidsLimit}}", "up"])
+            .trim(),
+        "5"
+    );
+    let out = d.docker(&[
+        "exec",
+        "up",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6; do sleep 30 & done; wait",
+    ]);
+    assert!(!out.status.success(), "a sixth process must not start");
+    let out = d.ok(&["stats", "--no-stream", "--format", "{{.PIDs}}", "up"]);
+    assert!(out.trim().parse::<u32>().expect("pids") <= 5, "{out}");
+    d.ok(&["update", "--pids-limit", "-1", "up"]);
+    d.ok(&[
+        "exec",
+        "up",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6; do true & done; wait",
+    ]);
+    // What a VM cannot honour is refused, not ignored.
+    let out = d.docker(&["update", "--cpu-shares", "512", "up"]);
+    assert!(
+        stderr(&out).contains("--cpu-shares cannot be updated"),
+        "{}",
+        stderr(&out)
+    );
     // A stopped container's next VM gets the new shape.
     d.ok(&["stop", "-t", "0", "up"]);
     d.ok(&["update", "-m", "300m", "--memory-swap", "-1", "up"]);
