@@ -1192,6 +1192,14 @@ impl Engine {
             }
         }
         let host_config = body.host_config.clone().unwrap_or_default();
+        for link in host_config.links.iter().flatten() {
+            let (target, _) = parse_link(link);
+            if self.lookup(target).is_err() {
+                return Err(EngineError::InvalidParameter(format!(
+                    "Could not get container for {target}"
+                )));
+            }
+        }
         log_driver(&host_config)?;
         for path in host_config.tmpfs.iter().flat_map(|t| t.keys()) {
             if !path.starts_with('/') {
@@ -1718,6 +1726,61 @@ impl Engine {
         live.writer = Some(writer);
     }
 
+    /// `/etc/hosts` lines for legacy links (`--link name:alias`): the linked
+    /// container's address with the alias, its name and its short id. With
+    /// `strict`, a link to a container that is missing or not running is
+    /// dockerd's error; otherwise it is left out.
+    pub(crate) fn link_hosts(
+        &self,
+        rec: &ContainerRecord,
+        strict: bool,
+    ) -> Result<Vec<String>, EngineError> {
+        let mut out = vec![];
+        for link in rec.host_config.links.iter().flatten() {
+            let (name, alias) = parse_link(link);
+            let target = match self.lookup(name) {
+                Ok(t) => t.rec(),
+                Err(_) if !strict => continue,
+                Err(_) => {
+                    return Err(EngineError::InvalidParameter(format!(
+                        "Could not get container for {name}"
+                    )))
+                }
+            };
+            // Its address on a network the two share, else its first one.
+            let ip = rec
+                .networks
+                .values()
+                .filter_map(|e| {
+                    target
+                        .networks
+                        .values()
+                        .find(|t| t.network_id == e.network_id)
+                })
+                .chain(target.networks.values())
+                .find_map(|e| e.ip.clone());
+            match ip {
+                Some(ip) if target.running() => {
+                    let mut names = vec![alias.to_string()];
+                    for n in [target.name.clone(), target.id[..12].to_string()] {
+                        if !names.contains(&n) {
+                            names.push(n);
+                        }
+                    }
+                    out.push(format!("{ip}\t{}", names.join(" ")));
+                }
+                _ if !strict => {}
+                _ => {
+                    return Err(EngineError::InvalidParameter(format!(
+                        "Cannot link to a non running container: /{} AS /{}/{alias}",
+                        target.name, rec.name
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn process_spec(
         &self,
         rec: &ContainerRecord,
@@ -1755,7 +1818,11 @@ impl Engine {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
-            extra_hosts: network::hosts_lines(rec),
+            extra_hosts: {
+                let mut lines = network::hosts_lines(rec);
+                lines.extend(self.link_hosts(rec, true)?);
+                lines
+            },
             interfaces: network::interfaces(rec),
             resolv_conf: network::resolv_conf(rec),
             read_only: rec.host_config.readonly_rootfs.unwrap_or(false),
@@ -2890,6 +2957,15 @@ fn merge_config(
     }
 }
 
+/// A legacy link, `name:alias` as the CLI sends it or `/name:/container/alias`
+/// as dockerd records it: (name, alias); without an alias, the name.
+fn parse_link(link: &str) -> (&str, &str) {
+    let (name, alias) = link.split_once(':').unwrap_or((link, link));
+    let name = name.trim_start_matches('/');
+    let alias = alias.rsplit('/').next().unwrap_or(alias);
+    (name, if alias.is_empty() { name } else { alias })
+}
+
 /// The container's health check as dockerd merges it: the image's, with
 /// each field the request sets (`--health-interval` alone keeps the
 /// image's test command).
@@ -2983,6 +3059,13 @@ fn make_upper(blank: &Path, upper: &Path) -> Result<(), EngineError> {
 mod tests {
     use super::merge_healthcheck;
     use bollard_stubs::models::HealthConfig;
+
+    #[test]
+    fn links_parse_as_the_cli_sends_them_and_dockerd_records_them() {
+        assert_eq!(super::parse_link("db:database"), ("db", "database"));
+        assert_eq!(super::parse_link("/db:/web/database"), ("db", "database"));
+        assert_eq!(super::parse_link("db"), ("db", "db"));
+    }
 
     #[test]
     fn health_checks_merge_field_by_field_as_dockerd() {

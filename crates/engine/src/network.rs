@@ -1166,7 +1166,11 @@ impl crate::Engine {
         let msg = vessel_protocol::HostMsg::SetInterfaces {
             req_id,
             interfaces: interfaces(rec),
-            hosts: hosts_lines(rec),
+            hosts: {
+                let mut lines = hosts_lines(rec);
+                lines.extend(self.link_hosts(rec, false).unwrap_or_default());
+                lines
+            },
         };
         let sent = writer.send(&msg).await;
         let answer = match sent {

@@ -867,6 +867,27 @@ fn bridge_options_internal_routes_hosts_dns_upstreams_and_events() {
     let own = d.ok(&["exec", "q1", "hostname", "-i"]);
     assert_eq!(own.trim(), ip_of(&d, "q1", "quiet"));
 
+    // Legacy links: the linked container's address under the alias.
+    let out = d.docker(&["run", "--rm", "--link", "nope:db", "busybox", "true"]);
+    assert!(
+        stderr(&out).contains("Could not get container for nope"),
+        "{}",
+        stderr(&out)
+    );
+    let hosts = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "quiet",
+        "--link",
+        "q1:database",
+        "busybox",
+        "cat",
+        "/etc/hosts",
+    ]);
+    let q1_ip = ip_of(&d, "q1", "quiet");
+    assert!(hosts.contains(&format!("{q1_ip}\tdatabase q1 ")), "{hosts}");
+
     // Start and stop show as network connect and disconnect events.
     d.ok(&["stop", "-t", "1", "q2"]);
     let t1 = (std::time::SystemTime::now()
