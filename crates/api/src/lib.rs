@@ -351,7 +351,6 @@ async fn info(State(s): State<AppState>) -> axum::Json<SystemInfo> {
         insecure_registry_cidrs: Some(cidrs),
         index_configs: Some(index_configs),
         mirrors: Some(rc.mirrors.clone()),
-        ..Default::default()
     };
     axum::Json(SystemInfo {
         registry_config: Some(registry_config),

@@ -727,6 +727,7 @@ impl Engine {
         for key in filters.keys() {
             if ![
                 "status", "name", "id", "label", "ancestor", "exited", "before", "since", "health",
+                "network", "volume", "publish", "expose",
             ]
             .contains(&key.as_str())
             {
@@ -744,6 +745,22 @@ impl Engine {
             "exited",
             "dead",
         ];
+        for h in filters.get("health").into_iter().flatten() {
+            if !["starting", "healthy", "unhealthy", "none"].contains(&h.as_str()) {
+                return Err(EngineError::InvalidParameter(format!(
+                    "Unrecognised filter value for health: {h}"
+                )));
+            }
+        }
+        for key in ["publish", "expose"] {
+            for v in filters.get(key).into_iter().flatten() {
+                if port_filter(v).is_none() {
+                    return Err(EngineError::InvalidParameter(format!(
+                        "invalid filter '{key}={v}'"
+                    )));
+                }
+            }
+        }
         for st in filters.get("status").into_iter().flatten() {
             if !statuses.contains(&st.as_str()) {
                 return Err(EngineError::InvalidParameter(format!(
@@ -799,6 +816,30 @@ impl Engine {
                             Some((k, val)) => labels.get(k).is_some_and(|x| x == val),
                             None => labels.contains_key(l),
                         })
+                    })
+                    && any("network", &|v| {
+                        r.networks
+                            .iter()
+                            .any(|(name, e)| name == v || e.network_id.starts_with(v))
+                    })
+                    && any("volume", &|v| {
+                        r.mounts
+                            .iter()
+                            .any(|m| m.name == v || m.destination == v || m.source == v)
+                    })
+                    && any("publish", &|v| {
+                        r.host_config
+                            .port_bindings
+                            .iter()
+                            .flatten()
+                            .any(|(port, _)| port_filter_matches(v, port))
+                    })
+                    && any("expose", &|v| {
+                        r.config
+                            .exposed_ports
+                            .iter()
+                            .flatten()
+                            .any(|port| port_filter_matches(v, port))
                     })
                     && before.as_ref().is_none_or(|b| r.created < *b)
                     && since.as_ref().is_none_or(|b| r.created > *b)
@@ -2957,6 +2998,33 @@ fn merge_config(
     }
 }
 
+/// A `publish`/`expose` filter of `docker ps`: `port[/proto]` or
+/// `from-to[/proto]`, as (from, to, proto).
+fn port_filter(v: &str) -> Option<(u16, u16, Option<&str>)> {
+    let (ports, proto) = match v.split_once('/') {
+        Some((p, proto)) => (p, Some(proto)),
+        None => (v, None),
+    };
+    let (from, to) = match ports.split_once('-') {
+        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+        None => {
+            let p = ports.parse().ok()?;
+            (p, p)
+        }
+    };
+    (from <= to).then_some((from, to, proto))
+}
+
+/// Whether a container port (`80/tcp`) passes a `publish`/`expose` filter.
+fn port_filter_matches(filter: &str, port: &str) -> bool {
+    let Some((from, to, proto)) = port_filter(filter) else {
+        return false;
+    };
+    let (num, port_proto) = port.split_once('/').unwrap_or((port, "tcp"));
+    num.parse::<u16>()
+        .is_ok_and(|n| (from..=to).contains(&n) && proto.is_none_or(|p| p == port_proto))
+}
+
 /// A legacy link, `name:alias` as the CLI sends it or `/name:/container/alias`
 /// as dockerd records it: (name, alias); without an alias, the name.
 fn parse_link(link: &str) -> (&str, &str) {
@@ -3059,6 +3127,17 @@ fn make_upper(blank: &Path, upper: &Path) -> Result<(), EngineError> {
 mod tests {
     use super::merge_healthcheck;
     use bollard_stubs::models::HealthConfig;
+
+    #[test]
+    fn port_filters_of_ps() {
+        assert!(super::port_filter_matches("80", "80/tcp"));
+        assert!(super::port_filter_matches("80/tcp", "80/tcp"));
+        assert!(!super::port_filter_matches("80/udp", "80/tcp"));
+        assert!(super::port_filter_matches("8000-8100", "8080/tcp"));
+        assert!(!super::port_filter_matches("8000-8010", "8080/tcp"));
+        assert!(super::port_filter("x").is_none());
+        assert!(super::port_filter("90-80").is_none());
+    }
 
     #[test]
     fn links_parse_as_the_cli_sends_them_and_dockerd_records_them() {

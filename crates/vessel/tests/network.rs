@@ -827,6 +827,37 @@ fn bridge_options_internal_routes_hosts_dns_upstreams_and_events() {
     }
     let link = d.ok(&["exec", "q1", "ip", "link", "show", "eth0"]);
     assert!(link.contains("mtu 1400"), "{link}");
+    // ps filters by network and published port.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "pub",
+        "-p",
+        "127.0.0.1::8080",
+        "busybox",
+        "sleep",
+        "1000",
+    ]);
+    let on = d.ok(&["ps", "--filter", "network=quiet", "--format", "{{.Names}}"]);
+    let mut on: Vec<&str> = on.lines().collect();
+    on.sort_unstable();
+    assert_eq!(on, ["q1", "q2"]);
+    let published = d.ok(&[
+        "ps",
+        "--filter",
+        "publish=8000-8100/tcp",
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert_eq!(published.trim(), "pub");
+    let out = d.docker(&["ps", "--filter", "health=bogus"]);
+    assert!(
+        stderr(&out).contains("Unrecognised filter value for health: bogus"),
+        "{}",
+        stderr(&out)
+    );
+    d.ok(&["rm", "-f", "pub"]);
     let gw = d.ok(&[
         "network",
         "inspect",
