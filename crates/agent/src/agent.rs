@@ -209,6 +209,31 @@ impl Agent {
                     }
                 }
             }
+            HostMsg::ExecSignal { exec_id, signal } => {
+                let st = self.state();
+                // Under the state lock: the reaper reaps under it, so the
+                // pid cannot be reaped and reused in between.
+                let Some(pid) = st.execs.get(&exec_id).filter(|e| !e.exited).map(|e| e.pid) else {
+                    return;
+                };
+                if !(1..=libc::SIGRTMAX()).contains(&signal) {
+                    drop(st);
+                    return self.error(format!("invalid signal {signal}"));
+                }
+                // SAFETY: getpgid(2) and kill(2) with integer arguments; `pid`
+                // is an exec's process that has not been reaped.
+                let target = if unsafe { libc::getpgid(pid) } == pid {
+                    -pid
+                } else {
+                    pid
+                };
+                // SAFETY: as above.
+                if unsafe { libc::kill(target, signal) } < 0 {
+                    let e = std::io::Error::last_os_error();
+                    drop(st);
+                    self.error(format!("kill exec {exec_id} ({pid}) {signal}: {e}"));
+                }
+            }
             HostMsg::SetInterfaces {
                 req_id,
                 interfaces,

@@ -133,6 +133,10 @@ async fn probe(engine: &Engine, h: &Handle, cmd: &[String], timeout: Duration) -
         String::from_utf8_lossy(&out).into_owned()
     };
     let result = tokio::time::timeout(timeout, collect).await;
+    if result.is_err() {
+        // As dockerd: a check out of time is killed, not left running.
+        engine.exec_signal(&e, libc::SIGKILL).await;
+    }
     engine.forget_exec(&e.id);
     match result {
         Ok(output) => (e.inspect().exit_code.unwrap_or(-1), output),

@@ -2636,6 +2636,23 @@ impl Engine {
     /// Starts a claimed exec in its VM and waits until it runs. Subscribe to
     /// its output before calling this. `Err` carries Docker's message; the
     /// exit code is recorded on the exec.
+    /// Signals a running exec's process (a health check out of time).
+    pub(crate) async fn exec_signal(&self, e: &ExecHandle, signal: i32) {
+        let Ok(h) = self.lookup(&e.container_id) else {
+            return;
+        };
+        let writer = h.live.lock().await.writer.clone();
+        if let Some(w) = writer {
+            let msg = HostMsg::ExecSignal {
+                exec_id: e.num,
+                signal,
+            };
+            if let Err(err) = w.send(&msg).await {
+                warn!(exec = %e.id, "signalling an exec: {err}");
+            }
+        }
+    }
+
     pub async fn exec_launch(
         &self,
         e: &Arc<ExecHandle>,

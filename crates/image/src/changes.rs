@@ -90,6 +90,86 @@ fn exec_form(args: &str) -> Vec<String> {
     json_array(args).unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into(), args.to_string()])
 }
 
+/// A Go duration as the Dockerfile's HEALTHCHECK options take it (`30s`,
+/// `1m30s`, `500ms`, `1.5h`), in nanoseconds.
+fn go_duration(text: &str) -> Option<i64> {
+    let mut total = 0f64;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += n * scale;
+    }
+    Some(total as i64)
+}
+
+/// `HEALTHCHECK NONE` or `HEALTHCHECK [--interval=D] [--timeout=D]
+/// [--start-period=D] [--start-interval=D] [--retries=N] CMD command`, as
+/// the image config's `Healthcheck` object.
+fn healthcheck(args: &str) -> Result<Value> {
+    let mut hc = Map::new();
+    let mut rest = args.trim();
+    while let Some(opt) = rest.strip_prefix("--") {
+        let (flag, after) = opt.split_once(char::is_whitespace).unwrap_or((opt, ""));
+        let (name, value) = flag
+            .split_once('=')
+            .ok_or_else(|| err(format!("HEALTHCHECK option --{flag} needs a value")))?;
+        let key = match name {
+            "interval" => "Interval",
+            "timeout" => "Timeout",
+            "start-period" => "StartPeriod",
+            "start-interval" => "StartInterval",
+            "retries" => "Retries",
+            _ => return Err(err(format!("Unknown flag: {name}"))),
+        };
+        let v = if key == "Retries" {
+            value
+                .parse::<i64>()
+                .map_err(|_| err(format!("invalid --retries value: {value}")))?
+        } else {
+            go_duration(value).ok_or_else(|| err(format!("time: invalid duration \"{value}\"")))?
+        };
+        hc.insert(key.into(), Value::from(v));
+        rest = after.trim_start();
+    }
+    let (kind, command) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let test = match kind.to_ascii_uppercase().as_str() {
+        "NONE" if command.trim().is_empty() && hc.is_empty() => vec!["NONE".to_string()],
+        "NONE" => return Err(err("HEALTHCHECK NONE takes no arguments")),
+        "CMD" if !command.trim().is_empty() => match json_array(command.trim()) {
+            Some(argv) => std::iter::once("CMD".to_string()).chain(argv).collect(),
+            None => vec!["CMD-SHELL".to_string(), command.trim().to_string()],
+        },
+        "CMD" => return Err(err("Missing command after HEALTHCHECK CMD")),
+        other => {
+            return Err(err(format!(
+                "Unknown type \"{other}\" in HEALTHCHECK (try CMD)"
+            )))
+        }
+    };
+    hc.insert("Test".into(), to_json(test));
+    Ok(Value::Object(hc))
+}
+
 fn obj<'a>(cfg: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
     let v = cfg
         .entry(key.to_string())
@@ -110,7 +190,7 @@ fn to_json(v: Vec<String>) -> Value {
 /// Apply `changes` (Dockerfile instructions, one per string) to a container
 /// config object (the `config` member of an image config, Docker field names).
 /// Supported: CMD, ENTRYPOINT, ENV, WORKDIR, USER, EXPOSE, LABEL, VOLUME,
-/// STOPSIGNAL, ONBUILD. Anything else is an [`Error::InvalidChange`].
+/// STOPSIGNAL, ONBUILD, HEALTHCHECK (dockerd's commit commands). Anything else is an [`Error::InvalidChange`].
 pub fn apply_changes(cfg: &mut Map<String, Value>, changes: &[String]) -> Result<()> {
     for change in changes {
         let line = change.trim();
@@ -235,7 +315,13 @@ pub fn apply_changes(cfg: &mut Map<String, Value>, changes: &[String]) -> Result
                 ob.push(Value::String(args.to_string()));
                 cfg.insert("OnBuild".into(), Value::Array(ob));
             }
-            "ADD" | "ARG" | "COPY" | "FROM" | "HEALTHCHECK" | "MAINTAINER" | "RUN" | "SHELL" => {
+            "HEALTHCHECK" => {
+                if args.is_empty() {
+                    return Err(err("HEALTHCHECK requires at least one argument"));
+                }
+                cfg.insert("Healthcheck".into(), healthcheck(args)?);
+            }
+            "ADD" | "ARG" | "COPY" | "FROM" | "MAINTAINER" | "RUN" | "SHELL" => {
                 return Err(err(format!("{upper} is not a valid change command")));
             }
             _ => {
@@ -259,6 +345,45 @@ mod tests {
             &ch.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         )?;
         Ok(Value::Object(m))
+    }
+
+    #[test]
+    fn healthcheck_changes_as_the_dockerfile_writes_them() {
+        let mut cfg = Map::new();
+        apply_changes(
+            &mut cfg,
+            &[
+                "HEALTHCHECK --interval=5s --timeout=1m30s --retries=2 CMD wget -q -O- localhost"
+                    .into(),
+            ],
+        )
+        .expect("apply");
+        assert_eq!(
+            cfg["Healthcheck"],
+            serde_json::json!({
+                "Test": ["CMD-SHELL", "wget -q -O- localhost"],
+                "Interval": 5_000_000_000i64,
+                "Timeout": 90_000_000_000i64,
+                "Retries": 2
+            })
+        );
+        apply_changes(&mut cfg, &[r#"HEALTHCHECK CMD ["true", "x"]"#.into()]).expect("apply");
+        assert_eq!(
+            cfg["Healthcheck"],
+            serde_json::json!({"Test": ["CMD", "true", "x"]})
+        );
+        apply_changes(&mut cfg, &["HEALTHCHECK NONE".into()]).expect("apply");
+        assert_eq!(cfg["Healthcheck"], serde_json::json!({"Test": ["NONE"]}));
+        for bad in [
+            "HEALTHCHECK --interval=soon CMD true",
+            "HEALTHCHECK --bogus=1 CMD true",
+            "HEALTHCHECK CMD",
+            "HEALTHCHECK RUN true",
+        ] {
+            assert!(apply_changes(&mut cfg, &[bad.into()]).is_err(), "{bad}");
+        }
+        assert_eq!(go_duration("500ms"), Some(500_000_000));
+        assert_eq!(go_duration("1.5h"), Some(5_400_000_000_000));
     }
 
     #[test]

@@ -219,6 +219,14 @@ pub enum HostMsg {
         /// Columns.
         cols: u16,
     },
+    /// Signal exec `exec_id`'s process (and its process group, when it
+    /// leads one): a health check that ran out of time.
+    ExecSignal {
+        /// Exec id.
+        exec_id: u32,
+        /// Signal number.
+        signal: i32,
+    },
     /// `docker cp` stat: answer [`GuestMsg::CopyStat`] or [`GuestMsg::CopyDone`]
     /// with the error.
     CopyStat {

@@ -583,7 +583,40 @@ fn health_checks_follow_the_test_command() {
             .trim(),
         "<nil>"
     );
-    d.ok(&["rm", "-f", "hc", "plain"]);
+    // A check out of time fails and is killed, not left running.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "slow",
+        "--health-cmd",
+        "sleep 77",
+        "--health-interval",
+        "1s",
+        "--health-timeout",
+        "1s",
+        "busybox",
+        "sleep",
+        "1000",
+    ]);
+    assert!(
+        eventually(60, || {
+            d.ok(&["inspect", "-f", "{{len .State.Health.Log}}", "slow"])
+                .trim()
+                .parse::<u32>()
+                .unwrap_or(0)
+                >= 2
+        }),
+        "two checks ran"
+    );
+    let log = d.ok(&["inspect", "-f", "{{json .State.Health.Log}}", "slow"]);
+    assert!(log.contains("Health check exceeded timeout"), "{log}");
+    let top = d.ok(&["top", "slow"]);
+    assert!(
+        top.matches("sleep 77").count() <= 1,
+        "checks out of time are killed: {top}"
+    );
+    d.ok(&["rm", "-f", "hc", "plain", "slow"]);
 }
 
 #[test]
