@@ -176,6 +176,8 @@ fn import_from_a_url() {
         r#"CMD ["cat", "/etc/motd"]"#,
         "--change",
         "ENV ORIGIN=web",
+        "--change",
+        "HEALTHCHECK --interval=2s --retries=4 CMD test -f /etc/motd",
         "-m",
         "fetched over http",
         &url,
@@ -197,6 +199,17 @@ fn import_from_a_url() {
         format!(r#"{id}|fetched over http|["cat","/etc/motd"]|["ORIGIN=web"]"#)
     );
     assert_eq!(d.ok(&["run", "--rm", "web:plain"]), "from the web\n");
+    let hc = d.ok(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .Config.Healthcheck}}",
+        "web:plain",
+    ]);
+    assert_eq!(
+        hc.trim(),
+        r#"{"Test":["CMD-SHELL","test -f /etc/motd"],"Interval":2000000000,"Retries":4}"#
+    );
 
     // gzip without a Content-Length; the comment says where it came from.
     let gz = server.url("/rootfs.tar.gz");
