@@ -2053,7 +2053,7 @@ impl Engine {
             vessel_vm::wait_exit(pid).await;
         }
         self.release_mounts(&h.rec(), &self.run_dir(&id)).await;
-        self.endpoint_events(&h.rec(), "disconnect");
+        let connected = h.rec();
         let rec = h.update(|r| {
             network::release(r);
             r.state.status = Status::Exited;
@@ -2077,6 +2077,8 @@ impl Engine {
             self.container_event(&rec, "oom", &[]);
         }
         self.container_event(&rec, "die", &[("exitCode", code.to_string())]);
+        // After `die`, as dockerd orders them.
+        self.endpoint_events(&connected, "disconnect");
         let _ = h.output.send(Output::End);
         h.log_version.send_modify(|v| *v += 1);
         h.status.send_modify(|w| {

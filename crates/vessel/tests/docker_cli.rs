@@ -388,6 +388,39 @@ fn image_config_and_run_flags_are_honoured() {
 }
 
 #[test]
+fn images_filters_label_reference_before_and_since() {
+    let d = Daemon::start();
+    let rootfs = write(d.dir.path(), "rootfs.tar", &common::busybox_rootfs(&[]));
+    let path = rootfs.to_str().expect("path");
+    d.ok(&["import", "--change", "LABEL team=a", path, "lab:one"]);
+    // Creation times are in seconds: the second image is a second younger.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    d.ok(&["import", "--change", "LABEL team=b", path, "lab:two"]);
+    d.ok(&["import", path, "other:x"]);
+    let images = |filter: &str| {
+        d.ok(&[
+            "images",
+            "--filter",
+            filter,
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+        ])
+        .lines()
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(images("label=team=a"), ["lab:one"]);
+    assert_eq!(images("label=team"), ["lab:two", "lab:one"]);
+    assert_eq!(images("reference=lab:*"), ["lab:two", "lab:one"]);
+    assert_eq!(images("reference=other"), ["other:x"]);
+    assert_eq!(images("before=lab:two"), ["lab:one"]);
+    assert!(images("since=lab:one").contains(&"lab:two".to_string()));
+    assert!(!images("since=lab:one").contains(&"lab:one".to_string()));
+    let bad = d.docker(&["images", "--filter", "bogus=1"]);
+    assert!(!bad.status.success());
+}
+
+#[test]
 fn import_with_changes() {
     let d = Daemon::start();
     let rootfs = write(

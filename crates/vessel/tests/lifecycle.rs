@@ -180,6 +180,16 @@ fn events_history_and_live_stream() {
     ]);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines.contains(&"image load busybox:latest"), "{out}");
+    // The default bridge, joined at start and left after the exit, in
+    // dockerd's order.
+    let pos = |l: &str| lines.iter().position(|x| *x == l);
+    let connect = pos("network connect bridge").expect("network connect");
+    let disconnect = pos("network disconnect bridge").expect("network disconnect");
+    assert!(
+        connect < pos("container start evt").expect("start"),
+        "{out}"
+    );
+    assert!(pos("container die evt").expect("die") < disconnect, "{out}");
     let evt: Vec<&str> = lines
         .iter()
         .copied()
@@ -189,6 +199,7 @@ fn events_history_and_live_stream() {
         evt,
         vec![
             "container create evt",
+            "container attach evt",
             "container start evt",
             "container die evt",
             "container destroy evt"
