@@ -519,52 +519,59 @@ impl Engine {
         let h = self.lookup(name_or_id)?;
         let not_running = || EngineError::Conflict(format!("Container {} is not running", h.id));
         let writer = h.live.lock().await.writer.clone().ok_or_else(not_running)?;
+        self.ask_agent(
+            &writer,
+            &self.inner.tops,
+            |req_id| HostMsg::Top { req_id },
+            Duration::from_secs(10),
+        )
+        .await
+        .ok_or_else(not_running)
+    }
+
+    /// Sends the request `msg` makes from a fresh request id to an agent and
+    /// waits up to `timeout` for the answer that the monitor hands to
+    /// `waiters` under that id; `None` when it cannot be sent or no answer
+    /// comes.
+    pub(crate) async fn ask_agent<T>(
+        &self,
+        writer: &AgentWriter,
+        waiters: &Mutex<HashMap<u32, tokio::sync::oneshot::Sender<T>>>,
+        msg: impl FnOnce(u32) -> HostMsg,
+        timeout: Duration,
+    ) -> Option<T> {
         let req_id = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner
-            .tops
+        waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(req_id, tx);
-        let sent = writer.send(&HostMsg::Top { req_id }).await;
-        let answer = match sent {
-            Ok(()) => tokio::time::timeout(Duration::from_secs(10), rx)
+        let answer = match writer.send(&msg(req_id)).await {
+            Ok(()) => tokio::time::timeout(timeout, rx)
                 .await
                 .ok()
                 .and_then(Result::ok),
             Err(_) => None,
         };
-        self.inner
-            .tops
+        waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req_id);
-        answer.ok_or_else(not_running)
+        answer
     }
 
     /// Changes the process limit inside a running container's VM.
     async fn set_pids_limit(&self, h: &Handle, limit: Option<i64>) -> Result<(), EngineError> {
         let not_running = || EngineError::Conflict(format!("container {} is not running", h.id));
         let writer = h.live.lock().await.writer.clone().ok_or_else(not_running)?;
-        let req_id = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner
-            .iface_waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(req_id, tx);
-        let answer = match writer.send(&HostMsg::SetPidsLimit { req_id, limit }).await {
-            Ok(()) => tokio::time::timeout(Duration::from_secs(10), rx)
-                .await
-                .ok()
-                .and_then(Result::ok),
-            Err(_) => None,
-        };
-        self.inner
-            .iface_waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&req_id);
+        let answer = self
+            .ask_agent(
+                &writer,
+                &self.inner.iface_waiters,
+                |req_id| HostMsg::SetPidsLimit { req_id, limit },
+                Duration::from_secs(10),
+            )
+            .await;
         match answer {
             Some(None) => Ok(()),
             Some(Some(e)) => Err(internal("setting the PIDs limit in the guest", e)),
@@ -579,26 +586,13 @@ impl Engine {
     /// `None` when it is not running or does not answer within a second.
     async fn guest_stats(&self, h: &Handle) -> Option<stats::Guest> {
         let writer = h.live.lock().await.writer.clone()?;
-        let req_id = self.inner.next_exec.fetch_add(1, Ordering::SeqCst) + 1;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner
-            .guest_stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(req_id, tx);
-        let answer = match writer.send(&HostMsg::Stats { req_id }).await {
-            Ok(()) => tokio::time::timeout(Duration::from_secs(1), rx)
-                .await
-                .ok()
-                .and_then(Result::ok),
-            Err(_) => None,
-        };
-        self.inner
-            .guest_stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&req_id);
-        answer
+        self.ask_agent(
+            &writer,
+            &self.inner.guest_stats,
+            |req_id| HostMsg::Stats { req_id },
+            Duration::from_secs(1),
+        )
+        .await
     }
 
     /// The image store.

@@ -1152,39 +1152,21 @@ impl crate::Engine {
             h.live.lock().await.writer.clone().ok_or_else(|| {
                 EngineError::Conflict(format!("container {} is not running", rec.id))
             })?;
-        let req_id = self
-            .inner
-            .next_exec
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner
-            .iface_waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(req_id, tx);
-        let msg = vessel_protocol::HostMsg::SetInterfaces {
-            req_id,
-            interfaces: interfaces(rec),
-            hosts: {
-                let mut lines = hosts_lines(rec);
-                lines.extend(self.link_hosts(rec, false).unwrap_or_default());
-                lines
-            },
-        };
-        let sent = writer.send(&msg).await;
-        let answer = match sent {
-            Ok(()) => tokio::time::timeout(std::time::Duration::from_secs(10), rx)
-                .await
-                .ok()
-                .and_then(Result::ok),
-            Err(_) => None,
-        };
-        self.inner
-            .iface_waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&req_id);
+        let mut hosts = hosts_lines(rec);
+        hosts.extend(self.link_hosts(rec, false).unwrap_or_default());
+        let interfaces = interfaces(rec);
+        let answer = self
+            .ask_agent(
+                &writer,
+                &self.inner.iface_waiters,
+                |req_id| vessel_protocol::HostMsg::SetInterfaces {
+                    req_id,
+                    interfaces,
+                    hosts,
+                },
+                std::time::Duration::from_secs(10),
+            )
+            .await;
         match answer {
             Some(None) => Ok(()),
             Some(Some(e)) => Err(EngineError::Internal(format!("guest network setup: {e}"))),

@@ -737,20 +737,11 @@ fn lifecycle_events_prune_filters_and_bad_stop_signals() {
     );
     assert_eq!(d.ok(&["ps", "-aq"]).trim(), "", "nothing half-made");
 
-    let t0 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        .to_string();
+    let t0 = common::unix_now().to_string();
     d.ok(&["run", "-d", "--name", "ev", "busybox", "sleep", "1000"]);
     let _ = d.docker(&["exec", "ev", "sh", "-c", "exit 3"]);
     d.ok(&["restart", "-t", "1", "ev"]);
-    let t1 = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 1)
-    .to_string();
+    let t1 = (common::unix_now() + 1).to_string();
     let events = d.ok(&[
         "events",
         "--since",

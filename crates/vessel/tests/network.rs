@@ -807,11 +807,7 @@ fn bridge_options_internal_routes_hosts_dns_upstreams_and_events() {
         "com.docker.network.bridge.enable_ip_masquerade=false",
         "quiet",
     ]);
-    let t0 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        .to_string();
+    let t0 = common::unix_now().to_string();
     for name in ["q1", "q2"] {
         d.ok(&[
             "run",
@@ -921,12 +917,7 @@ fn bridge_options_internal_routes_hosts_dns_upstreams_and_events() {
 
     // Start and stop show as network connect and disconnect events.
     d.ok(&["stop", "-t", "1", "q2"]);
-    let t1 = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 1)
-    .to_string();
+    let t1 = (common::unix_now() + 1).to_string();
     let events = d.ok(&[
         "events",
         "--since",

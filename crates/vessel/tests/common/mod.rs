@@ -515,6 +515,14 @@ pub fn docker_save(images: &[ImageSpec<'_>]) -> Vec<u8> {
 }
 
 /// Polls `f` until it returns true or `secs` pass.
+/// Now, in unix seconds (for `docker events --since/--until`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
 pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
