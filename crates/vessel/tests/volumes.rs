@@ -476,6 +476,61 @@ fn volumes_are_shared_between_vms_and_bind_mounts_with_the_host() {
     assert!(!out.status.success(), "permissions were not enforced");
     assert!(!host.path().join("denied").exists());
 
+    // Two writable VMs on one volume see each other's writes.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "three",
+        "-v",
+        "shared:/data",
+        "busybox",
+        "sleep",
+        "100000",
+    ]);
+    d.ok(&[
+        "exec",
+        "three",
+        "sh",
+        "-c",
+        "echo written by three > /data/three",
+    ]);
+    assert_eq!(
+        d.ok(&["exec", "one", "cat", "/data/three"]),
+        "written by three\n"
+    );
+    d.ok(&["exec", "one", "sh", "-c", "echo one again >> /data/three"]);
+    assert_eq!(
+        d.ok(&["exec", "three", "cat", "/data/three"]),
+        "written by three\none again\n"
+    );
+    // A single host file, bound read-only.
+    std::fs::write(host.path().join("greeting"), "a file of its own\n").expect("write");
+    let bound = format!("{hp}/greeting:/etc/greeting:ro");
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "-v",
+            &bound,
+            "busybox",
+            "cat",
+            "/etc/greeting"
+        ]),
+        "a file of its own\n"
+    );
+    let out = d.docker(&[
+        "run",
+        "--rm",
+        "-v",
+        &bound,
+        "busybox",
+        "sh",
+        "-c",
+        "echo no > /etc/greeting",
+    ]);
+    assert!(!out.status.success(), "a read-only file was written");
+
     // nocopy: the volume stays empty.
     assert_eq!(
         d.ok(&[
@@ -490,7 +545,7 @@ fn volumes_are_shared_between_vms_and_bind_mounts_with_the_host() {
         ]),
         ""
     );
-    d.ok(&["rm", "-f", "one", "two"]);
+    d.ok(&["rm", "-f", "one", "two", "three"]);
     assert!(
         eventually(10, || mounts_under(&d.data_root().join("vm")).is_empty()),
         "share mounts left: {:?}",
