@@ -382,6 +382,43 @@ async fn corrupt_blob_stores_nothing() {
     assert_store_empty(dir.path(), &store);
 }
 
+/// (a') a manifest that is not the one its digest names (a registry that
+/// answers a pull by digest with other content): nothing is fetched further,
+/// nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_does_not_match_its_digest_stores_nothing() {
+    let srv = Server::start(Fake::default()).await;
+    let layers = sample_layers(41, false);
+    let cfg_bytes = config_for(&layers, "amd64", "sh");
+    let blobs: Vec<(&str, Vec<u8>)> = layers.iter().map(|l| (GZIP, gz(l))).collect();
+    let (_, body, _) = srv.image("swap", "1", DOCKER_MANIFEST, &cfg_bytes, &blobs);
+    // The digest asked for names other content than what is served.
+    let asked = format!("sha256:{}", sha(b"some other manifest"));
+    srv.fake
+        .manifests
+        .lock()
+        .unwrap()
+        .insert(format!("swap/{asked}"), (DOCKER_MANIFEST.to_string(), body));
+    let (dir, store) = common::store();
+    let e = pull(
+        &RegistryConfig::default(),
+        store.clone(),
+        &format!("{}/swap@{asked}", srv.host()),
+        None,
+        &none(),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("manifest verification failed for digest {asked}")
+    );
+    let fetched_blobs = srv.log().iter().filter(|l| l.contains("/blobs/")).count();
+    assert_eq!(fetched_blobs, 0, "{:?}", srv.log());
+    assert_store_empty(dir.path(), &store);
+}
+
 /// (b) config diff ids that do not match the layers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diff_id_mismatch_stores_nothing() {
