@@ -402,6 +402,20 @@ fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
     );
     let addr = format!("127.0.0.1:{port}");
     assert!(http_get(&addr, "/hostname").is_some());
+    // A user network and a container on it, for after the restart.
+    d.ok(&["network", "create", "--label", "keep=1", "kept"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "db",
+        "--network",
+        "kept",
+        "busybox",
+        "sleep",
+        "100000",
+    ]);
+    let db_ip = ip_of(&d, "db", "kept");
 
     d.kill9();
     d.restart();
@@ -410,6 +424,30 @@ fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
         "the published port is back after a daemon restart"
     );
     assert!(d.ok(&["port", "web", "80"]).contains(&addr));
+    // The network, the container's address and its name in the network's
+    // DNS are as they were.
+    let nets = d.ok(&[
+        "network",
+        "ls",
+        "--filter",
+        "label=keep=1",
+        "--format",
+        "{{.Name}}",
+    ]);
+    assert_eq!(nets.trim(), "kept");
+    assert_eq!(ip_of(&d, "db", "kept"), db_ip);
+    let looked = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "kept",
+        "busybox",
+        "nslookup",
+        "db",
+    ]);
+    assert!(looked.contains(&db_ip), "{looked}");
+    d.ok(&["rm", "-f", "db"]);
+    d.ok(&["network", "rm", "kept"]);
 
     let clash = d.docker(&[
         "run", "-d", "--name", "clash", "-p", &spec, "busybox", "sleep", "100",
