@@ -151,12 +151,12 @@ impl Agent {
                     let _ = tx.send(StdinCmd::Close);
                 }
             }
-            HostMsg::Top { req_id } => {
+            HostMsg::Top { req_id, format } => {
                 let root = self.state().rootfs.clone();
                 self.writer.send(&GuestMsg::Top {
                     req_id,
-                    titles: crate::top::TITLES.iter().map(|t| t.to_string()).collect(),
-                    processes: crate::top::processes(root.as_deref()),
+                    titles: crate::top::titles(format),
+                    processes: crate::top::processes(root.as_deref(), format),
                 });
             }
             HostMsg::SetPidsLimit { req_id, limit } => {

@@ -1,18 +1,64 @@
-//! `docker top`: the container's processes, as `ps -ef` shows them.
+//! `docker top`: the container's processes, as `ps -ef` (Docker's default
+//! `ps_args`) or `ps aux` shows them.
 //!
 //! Everything in the guest except the agent (PID 1, its helpers) and kernel
 //! threads belongs to the container, so the list is read from `/proc`.
 
 use std::path::Path;
 
-/// Column titles, as `ps -ef` prints them (Docker's default `ps_args`).
+use vessel_protocol::TopFormat;
+
+/// Column titles of `ps -ef`.
 pub const TITLES: [&str; 8] = ["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"];
 
+/// Column titles of `ps aux`.
+pub const AUX_TITLES: [&str; 11] = [
+    "USER", "PID", "%CPU", "%MEM", "VSZ", "RSS", "TTY", "STAT", "START", "TIME", "COMMAND",
+];
+
+/// The titles of `format`.
+pub fn titles(format: TopFormat) -> Vec<String> {
+    match format {
+        TopFormat::Ef => TITLES.iter().map(|t| t.to_string()).collect(),
+        TopFormat::Aux => AUX_TITLES.iter().map(|t| t.to_string()).collect(),
+    }
+}
+
+/// What is shown of the guest as a whole.
+struct Host {
+    names: Vec<(u32, String)>,
+    ticks: u64,
+    boot: u64,
+    uptime: f64,
+    mem_total_kib: u64,
+    page_kib: u64,
+}
+
 /// One row per container process, in PID order.
-pub fn processes(root: Option<&Path>) -> Vec<Vec<String>> {
-    let names = root.map(user_names).unwrap_or_default();
-    let ticks = clock_ticks();
-    let boot = boot_time();
+pub fn processes(root: Option<&Path>, format: TopFormat) -> Vec<Vec<String>> {
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let host = Host {
+        names: root.map(user_names).unwrap_or_default(),
+        ticks: clock_ticks(),
+        boot: boot_time(),
+        uptime: std::fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0),
+        mem_total_kib: std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0),
+        page_kib: if page > 0 { page as u64 / 1024 } else { 4 },
+    };
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -25,7 +71,7 @@ pub fn processes(root: Option<&Path>) -> Vec<Vec<String>> {
         if pid == 1 {
             continue;
         }
-        let Some(row) = row(pid, &names, ticks, boot) else {
+        let Some(row) = row(pid, &host, format) else {
             continue;
         };
         rows.push(row);
@@ -33,7 +79,7 @@ pub fn processes(root: Option<&Path>) -> Vec<Vec<String>> {
     rows
 }
 
-fn row(pid: u32, names: &[(u32, String)], ticks: u64, boot: u64) -> Option<Vec<String>> {
+fn row(pid: u32, host: &Host, format: TopFormat) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     // Kernel threads have no command line.
@@ -55,33 +101,67 @@ fn row(pid: u32, names: &[(u32, String)], ticks: u64, boot: u64) -> Option<Vec<S
     // Fields after the `(comm)`, which may contain spaces.
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
+    let state = f.first()?.to_string();
     let ppid = f.get(1)?.to_string();
     let tty_nr: u64 = f.get(4)?.parse().ok()?;
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
     let start: u64 = f.get(19)?.parse().ok()?;
+    let vsize: u64 = f.get(20)?.parse().ok()?;
+    let rss_pages: u64 = f.get(21)?.parse().ok()?;
     let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())?;
-    let user = names
+    let user = host
+        .names
         .iter()
         .find(|(u, _)| *u == uid)
         .map(|(_, n)| n.clone())
         .unwrap_or_else(|| uid.to_string());
-    let cpu = (utime + stime) / ticks.max(1);
-    let started = boot + start / ticks.max(1);
-    Some(vec![
-        user,
-        pid.to_string(),
-        ppid,
-        "0".into(),
-        hh_mm(started),
-        tty(tty_nr),
-        format!("{:02}:{:02}:{:02}", cpu / 3600, cpu / 60 % 60, cpu % 60),
-        args.join(" "),
-    ])
+    let ticks = host.ticks.max(1);
+    let cpu = (utime + stime) / ticks;
+    let started = host.boot + start / ticks;
+    Some(match format {
+        TopFormat::Ef => vec![
+            user,
+            pid.to_string(),
+            ppid,
+            "0".into(),
+            hh_mm(started),
+            tty(tty_nr),
+            format!("{:02}:{:02}:{:02}", cpu / 3600, cpu / 60 % 60, cpu % 60),
+            args.join(" "),
+        ],
+        TopFormat::Aux => {
+            let elapsed = host.uptime - start as f64 / ticks as f64;
+            let cpu_pct = if elapsed > 0.0 {
+                (utime + stime) as f64 / ticks as f64 / elapsed * 100.0
+            } else {
+                0.0
+            };
+            let rss_kib = rss_pages * host.page_kib;
+            let mem_pct = if host.mem_total_kib > 0 {
+                rss_kib as f64 / host.mem_total_kib as f64 * 100.0
+            } else {
+                0.0
+            };
+            vec![
+                user,
+                pid.to_string(),
+                format!("{cpu_pct:.1}"),
+                format!("{mem_pct:.1}"),
+                (vsize / 1024).to_string(),
+                rss_kib.to_string(),
+                tty(tty_nr),
+                state,
+                hh_mm(started),
+                format!("{}:{:02}", cpu / 60, cpu % 60),
+                args.join(" "),
+            ]
+        }
+    })
 }
 
 /// `pts/N` for a pseudo-terminal, `?` for none.

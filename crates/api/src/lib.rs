@@ -1043,8 +1043,13 @@ async fn container_changes(
     Ok(axum::Json(out).into_response())
 }
 
-async fn container_top(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let (titles, processes) = s.engine.top(&id).await?;
+async fn container_top(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let q = Query::of(req.uri());
+    let (titles, processes) = s.engine.top(&id, q.get("ps_args").unwrap_or("")).await?;
     Ok(axum::Json(serde_json::json!({ "Titles": titles, "Processes": processes })).into_response())
 }
 

@@ -515,14 +515,25 @@ impl Engine {
     }
 
     /// `docker top`: the processes in the container's VM (`ps -ef` columns).
-    pub async fn top(&self, name_or_id: &str) -> Result<TopAnswer, EngineError> {
+    pub async fn top(&self, name_or_id: &str, ps_args: &str) -> Result<TopAnswer, EngineError> {
         let h = self.lookup(name_or_id)?;
+        // The agent lists the processes itself (there is no `ps` to run in
+        // every image): the two column sets users ask for.
+        let format = match ps_args.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [] | ["-ef"] | ["-e", "-f"] | ["-f", "-e"] | ["-fe"] => vessel_protocol::TopFormat::Ef,
+            ["aux"] | ["-aux"] | ["axu"] | ["-ax", "-u"] => vessel_protocol::TopFormat::Aux,
+            _ => {
+                return Err(EngineError::InvalidParameter(format!(
+                    "ps_args {ps_args:?} is not supported: Vessel's top shows the columns of ps -ef or ps aux"
+                )))
+            }
+        };
         let not_running = || EngineError::Conflict(format!("Container {} is not running", h.id));
         let writer = h.live.lock().await.writer.clone().ok_or_else(not_running)?;
         self.ask_agent(
             &writer,
             &self.inner.tops,
-            |req_id| HostMsg::Top { req_id },
+            |req_id| HostMsg::Top { req_id, format },
             Duration::from_secs(10),
         )
         .await

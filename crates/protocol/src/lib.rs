@@ -275,6 +275,9 @@ pub enum HostMsg {
     Top {
         /// Host-chosen id, echoed in the answer.
         req_id: u32,
+        /// The columns.
+        #[serde(default)]
+        format: TopFormat,
     },
     /// `docker update --pids-limit` of a running container: the new limit of
     /// the container's processes (`None` or ≤ 0: unlimited). Answered by
@@ -977,6 +980,17 @@ pub struct InterfaceSpec {
     /// The network's MTU, when it is not Ethernet's 1500.
     #[serde(default)]
     pub mtu: Option<u32>,
+}
+
+/// The columns of `docker top`, after the `ps` arguments they stand for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TopFormat {
+    /// `ps -ef` (Docker's default).
+    #[default]
+    Ef,
+    /// `ps aux`.
+    Aux,
 }
 
 /// The MAC address QEMU gives network slot `slot` of every VM. The guest

@@ -669,6 +669,29 @@ fn top_lists_the_processes_in_the_vm() {
     );
     // Nothing of the agent or the kernel.
     assert!(!out.contains("/init") && !out.contains("kthreadd"), "{out}");
+    // `ps aux` columns on request; other ps arguments are refused.
+    let aux = d.ok(&["top", "tp", "aux"]);
+    let mut aux_lines = aux.lines();
+    let head: Vec<&str> = aux_lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(
+        head,
+        ["USER", "PID", "%CPU", "%MEM", "VSZ", "RSS", "TTY", "STAT", "START", "TIME", "COMMAND"],
+        "{aux}"
+    );
+    let sleeper = aux
+        .lines()
+        .find(|l| l.ends_with("sleep 2000"))
+        .unwrap_or_else(|| panic!("{aux}"));
+    let cols: Vec<&str> = sleeper.split_whitespace().collect();
+    assert_eq!(cols[0], "nobody", "{aux}");
+    assert!(cols[5].parse::<u64>().expect("RSS") > 0, "{aux}");
+    assert_eq!(cols[7], "S", "a sleeping process: {aux}");
+    let out = d.docker(&["top", "tp", "-o", "pid"]);
+    assert!(
+        common::stderr(&out).contains("is not supported"),
+        "{}",
+        common::stderr(&out)
+    );
     d.ok(&["kill", "tp"]);
     d.ok(&["wait", "tp"]);
     let out = d.docker(&["top", "tp"]);
