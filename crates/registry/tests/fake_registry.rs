@@ -18,7 +18,7 @@ use common::*;
 use vessel_image::ImageStore;
 use vessel_registry::{
     check_auth, pull, Credentials, Error, Platform, Progress, PullStatus, RegistryConfig,
-    MAX_ATTEMPTS,
+    MAX_ATTEMPTS, MAX_CONCURRENT_DOWNLOADS,
 };
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -42,6 +42,10 @@ struct Fake {
     scopes: Mutex<Vec<String>>,
     /// "GET /v2/...  range=..." lines
     log: Mutex<Vec<String>>,
+    /// Hold each blob answer back a while, counting those under way.
+    slow_blobs: bool,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 fn err(status: StatusCode, code: &str, msg: &str) -> Response {
@@ -158,6 +162,12 @@ async fn handle(
         };
     }
     if let Some((_, digest)) = rest.split_once("/blobs/") {
+        if f.slow_blobs {
+            let now = f.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            f.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            f.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
         let Some(data) = f.blobs.lock().unwrap().get(digest).cloned() else {
             return err(
                 StatusCode::NOT_FOUND,
@@ -417,6 +427,42 @@ async fn a_manifest_that_does_not_match_its_digest_stores_nothing() {
     let fetched_blobs = srv.log().iter().filter(|l| l.contains("/blobs/")).count();
     assert_eq!(fetched_blobs, 0, "{:?}", srv.log());
     assert_store_empty(dir.path(), &store);
+}
+
+/// Layers come down several at a time, never more than the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_download_concurrently_within_the_limit() {
+    let srv = Server::start(Fake {
+        slow_blobs: true,
+        ..Fake::default()
+    })
+    .await;
+    let mut layers = sample_layers(51, false);
+    layers.extend(sample_layers(52, false));
+    let cfg_bytes = config_for(&layers, "amd64", "sh");
+    let blobs: Vec<(&str, Vec<u8>)> = layers.iter().map(|l| (GZIP, gz(l))).collect();
+    assert!(
+        blobs.len() > MAX_CONCURRENT_DOWNLOADS,
+        "{} layers",
+        blobs.len()
+    );
+    srv.image("many", "1", DOCKER_MANIFEST, &cfg_bytes, &blobs);
+    let (_dir, store) = common::store();
+    pull(
+        &RegistryConfig::default(),
+        store.clone(),
+        &format!("{}/many:1", srv.host()),
+        None,
+        &none(),
+        |_| {},
+    )
+    .await
+    .expect("pull");
+    let max = srv.fake.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (2..=MAX_CONCURRENT_DOWNLOADS).contains(&max),
+        "{max} blobs at once"
+    );
 }
 
 /// (b) config diff ids that do not match the layers.
