@@ -231,10 +231,15 @@ mod tests {
 
     #[test]
     fn this_process_is_listed_with_its_command() {
-        let rows = processes(None);
+        let rows = processes(None, TopFormat::Ef);
         let me = std::process::id().to_string();
         let row = rows.iter().find(|r| r[1] == me).expect("own row");
         assert_eq!(row.len(), TITLES.len());
         assert!(!row[7].is_empty());
+        let rows = processes(None, TopFormat::Aux);
+        let row = rows.iter().find(|r| r[1] == me).expect("own row");
+        assert_eq!(row.len(), AUX_TITLES.len());
+        assert!(row[5].parse::<u64>().expect("RSS in KiB") > 0);
+        assert!(!row[10].is_empty(), "the command");
     }
 }
