@@ -806,8 +806,10 @@ pub(crate) fn hosts_lines(rec: &ContainerRecord) -> Vec<String> {
 
 /// The container's `/etc/resolv.conf`: the DNS server on its first
 /// network's gateway (which knows the other containers and forwards the
-/// rest to the host's resolvers), then `--dns` servers, `--dns-search`
-/// and `--dns-option`. `None` when the container has no network.
+/// rest to the container's `--dns` servers or the host's resolvers) — on
+/// the default bridge with `--dns`, those servers themselves — then
+/// `--dns-search` and `--dns-option`. `None` when the container has no
+/// network.
 pub(crate) fn resolv_conf(rec: &ContainerRecord) -> Option<String> {
     let (first_net, first) = rec
         .networks
