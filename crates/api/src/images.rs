@@ -354,6 +354,14 @@ pub(crate) async fn save(s: &AppState, names: Vec<String>) -> ApiResult<Response
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
 }
 
+/// The one `until` value of a prune filter, as unix seconds.
+pub(crate) fn until_filter(values: &[String]) -> ApiResult<i64> {
+    let [u] = values else {
+        return Err(ApiError::bad("more than one until filter specified"));
+    };
+    unix_from_filter(u)
+}
+
 pub(crate) fn unix_from_filter(v: &str) -> ApiResult<i64> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
         return Ok(t.timestamp());

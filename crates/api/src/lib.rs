@@ -478,10 +478,7 @@ fn event_matches(e: &EventMessage, filters: &HashMap<String, Vec<String>>) -> bo
                 typ == "network" && (id.starts_with(v.as_str()) || attrs.get("name") == Some(v))
             }
             "scope" => v == "local",
-            "label" => match v.split_once('=') {
-                Some((lk, lv)) => attrs.get(lk).is_some_and(|x| x == lv),
-                None => attrs.contains_key(v),
-            },
+            "label" => vessel_engine::label_matches(v, |k| attrs.get(k)),
             "volume" => typ == "volume" && id == *v,
             _ => false,
         })
@@ -843,12 +840,7 @@ async fn containers_prune(State(s): State<AppState>, req: Request) -> ApiResult<
         match k.as_str() {
             "label" => f.label = v,
             "label!" => f.label_not = v,
-            "until" => {
-                let [u] = v.as_slice() else {
-                    return Err(ApiError::bad("more than one until filter specified"));
-                };
-                f.until = Some(images::unix_from_filter(u)?);
-            }
+            "until" => f.until = Some(images::until_filter(&v)?),
             _ => return Err(ApiError::bad(format!("invalid filter '{k}'"))),
         }
     }

@@ -43,12 +43,7 @@ fn filters(q: &Query, allowed: &[&str]) -> ApiResult<NetworkFilters> {
             "name" => f.name = v,
             "label" => f.label = v,
             "label!" => f.label_not = v,
-            "until" => {
-                let [u] = v.as_slice() else {
-                    return Err(ApiError::bad("more than one until filter specified"));
-                };
-                f.until = Some(super::images::unix_from_filter(u)?);
-            }
+            "until" => f.until = Some(super::images::until_filter(&v)?),
             "scope" => f.scope = v,
             "type" => {
                 for t in &v {

@@ -13,6 +13,7 @@
 mod copy;
 mod events;
 mod exec;
+mod filters;
 mod health;
 mod logs;
 mod names;
@@ -49,6 +50,7 @@ pub use bollard_stubs::models::EventMessageTypeEnum as EventType;
 pub use copy::{ArchiveStream, CommitOptions};
 pub use events::Events;
 pub use exec::{ExecHandle, ExecState};
+pub use filters::label_matches;
 pub use logs::LogEntry;
 pub use network::{NetworkConfig, NetworkFilters, NetworkRecord};
 pub use record::{ContainerRecord, StateRecord, Status, VmShape};
@@ -261,16 +263,10 @@ pub struct ContainerPruneFilters {
 impl ContainerPruneFilters {
     fn matches(&self, rec: &ContainerRecord) -> bool {
         let labels = rec.config.labels.clone().unwrap_or_default();
-        let has = |l: &String| match l.split_once('=') {
-            Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
-            None => labels.contains_key(l),
-        };
-        let old_enough = self.until.is_none_or(|u| {
-            chrono::DateTime::parse_from_rfc3339(&rec.created)
-                .map(|c| c.timestamp() < u)
-                .unwrap_or(false)
-        });
-        old_enough && self.label.iter().all(has) && !self.label_not.iter().any(has)
+        let has = |l: &String| filters::label_matches(l, |k| labels.get(k));
+        filters::created_before(&rec.created, self.until)
+            && self.label.iter().all(has)
+            && !self.label_not.iter().any(has)
     }
 }
 
@@ -817,10 +813,8 @@ impl Engine {
                     })
                     && filters.get("label").is_none_or(|vs| {
                         let labels = r.config.labels.clone().unwrap_or_default();
-                        vs.iter().all(|l| match l.split_once('=') {
-                            Some((k, val)) => labels.get(k).is_some_and(|x| x == val),
-                            None => labels.contains_key(l),
-                        })
+                        vs.iter()
+                            .all(|l| filters::label_matches(l, |k| labels.get(k)))
                     })
                     && any("network", &|v| {
                         r.networks
@@ -1974,47 +1968,21 @@ impl Engine {
                     Some(
                         GuestMsg::InterfacesSet { req_id, error }
                         | GuestMsg::Updated { req_id, error },
-                    ) => {
-                        let waiter = self
-                            .inner
-                            .iface_waiters
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&req_id);
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(error);
-                        }
-                    }
+                    ) => answer_waiter(&self.inner.iface_waiters, req_id, error),
                     Some(GuestMsg::Top {
                         req_id,
                         titles,
                         processes,
-                    }) => {
-                        let waiter = self
-                            .inner
-                            .tops
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&req_id);
-                        if let Some(tx) = waiter {
-                            let _ = tx.send((titles, processes));
-                        }
-                    }
+                    }) => answer_waiter(&self.inner.tops, req_id, (titles, processes)),
                     Some(GuestMsg::Stats {
                         req_id,
                         pids,
                         memory,
-                    }) => {
-                        let waiter = self
-                            .inner
-                            .guest_stats
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&req_id);
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(stats::Guest { pids, memory });
-                        }
-                    }
+                    }) => answer_waiter(
+                        &self.inner.guest_stats,
+                        req_id,
+                        stats::Guest { pids, memory },
+                    ),
                     Some(other) => warn!(%id, "unexpected agent message: {other:?}"),
                 },
                 Ok(None) => break,
@@ -2640,9 +2608,6 @@ impl Engine {
         Ok(e)
     }
 
-    /// Starts a claimed exec in its VM and waits until it runs. Subscribe to
-    /// its output before calling this. `Err` carries Docker's message; the
-    /// exit code is recorded on the exec.
     /// Signals a running exec's process (a health check out of time).
     pub(crate) async fn exec_signal(&self, e: &ExecHandle, signal: i32) {
         let Ok(h) = self.lookup(&e.container_id) else {
@@ -2660,6 +2625,9 @@ impl Engine {
         }
     }
 
+    /// Starts a claimed exec in its VM and waits until it runs. Subscribe to
+    /// its output before calling this. `Err` carries Docker's message; the
+    /// exit code is recorded on the exec.
     pub async fn exec_launch(
         &self,
         e: &Arc<ExecHandle>,
@@ -3019,6 +2987,23 @@ fn merge_config(
         stop_signal: pick(&body.stop_signal, &image.stop_signal),
         stop_timeout: body.stop_timeout,
         shell: body.shell.clone(),
+    }
+}
+
+/// Hands an agent's answer to the request waiting for it under `req_id`
+/// (see [`Engine::ask_agent`]); an answer nobody waits for any more (it came
+/// after the timeout) is dropped.
+fn answer_waiter<T>(
+    waiters: &Mutex<HashMap<u32, tokio::sync::oneshot::Sender<T>>>,
+    req_id: u32,
+    answer: T,
+) {
+    let waiter = waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&req_id);
+    if let Some(tx) = waiter {
+        let _ = tx.send(answer);
     }
 }
 

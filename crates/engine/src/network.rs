@@ -961,16 +961,9 @@ pub struct NetworkFilters {
 
 impl NetworkFilters {
     fn matches(&self, n: &NetworkRecord, in_use: bool) -> bool {
-        let has = |l: &String| match l.split_once('=') {
-            Some((k, v)) => n.labels.get(k).map(|x| x == v).unwrap_or(false),
-            None => n.labels.contains_key(l),
-        };
+        let has = |l: &String| crate::filters::label_matches(l, |k| n.labels.get(k));
         let label_ok = self.label.iter().all(has) && !self.label_not.iter().any(has);
-        let until_ok = self.until.is_none_or(|u| {
-            chrono::DateTime::parse_from_rfc3339(&n.created)
-                .map(|c| c.timestamp() < u)
-                .unwrap_or(false)
-        });
+        let until_ok = crate::filters::created_before(&n.created, self.until);
         (self.driver.is_empty() || self.driver.contains(&n.driver))
             && (self.id.is_empty() || self.id.iter().any(|i| n.id.starts_with(i.as_str())))
             && (self.name.is_empty() || self.name.iter().any(|x| n.name.contains(x.as_str())))

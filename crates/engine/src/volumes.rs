@@ -986,10 +986,7 @@ fn labels_match(
     positive: bool,
 ) -> bool {
     let Some(wanted) = wanted else { return true };
-    let hit = |l: &String| match l.split_once('=') {
-        Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
-        None => labels.contains_key(l),
-    };
+    let hit = |l: &String| crate::filters::label_matches(l, |k| labels.get(k));
     if positive {
         wanted.iter().all(hit)
     } else {
