@@ -16,9 +16,12 @@ log=/var/log/vessel.log
 export DOCKER_HOST=unix://$sock
 mkdir -p /run/vessel
 if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    echo "restarting the running Vessel daemon (pid $(cat "$pidfile"))" >&2
-    kill "$(cat "$pidfile")"
-    for _ in $(seq 100); do kill -0 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || break; sleep 0.1; done
+    old=$(cat "$pidfile")
+    echo "restarting the running Vessel daemon (pid $old)" >&2
+    kill "$old"
+    # Wait on the process, not the pid file: the daemon removes its pid file
+    # as it begins to shut down, before it lets go of its state store.
+    for _ in $(seq 300); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
 fi
 nohup "$here/target/release/vessel" daemon -p "$pidfile" >>"$log" 2>&1 &
 for _ in $(seq 300); do
