@@ -369,29 +369,10 @@ pub(crate) fn unix_from_filter(v: &str) -> ApiResult<i64> {
     if let Ok(secs) = v.split('.').next().unwrap_or("").parse::<i64>() {
         return Ok(secs);
     }
-    // Go durations as Docker accepts them: 10m, 24h, 1h30m.
-    let mut total = 0f64;
-    let mut num = String::new();
-    for c in v.chars() {
-        if c.is_ascii_digit() || c == '.' {
-            num.push(c);
-            continue;
-        }
-        let n: f64 = num
-            .parse()
-            .map_err(|_| ApiError::bad(format!("invalid filter 'until={v}'")))?;
-        num.clear();
-        total += n * match c {
-            'h' => 3600.0,
-            'm' => 60.0,
-            's' => 1.0,
-            _ => return Err(ApiError::bad(format!("invalid filter 'until={v}'"))),
-        };
-    }
-    if !num.is_empty() {
-        return Err(ApiError::bad(format!("invalid filter 'until={v}'")));
-    }
-    Ok(chrono::Utc::now().timestamp() - total as i64)
+    // A Go duration before now, as Docker accepts it: 10m, 24h, 1h30m.
+    let nanos = vessel_image::go_duration(v)
+        .ok_or_else(|| ApiError::bad(format!("invalid filter 'until={v}'")))?;
+    Ok(chrono::Utc::now().timestamp() - nanos / 1_000_000_000)
 }
 
 /// `POST /images/prune`.
@@ -406,11 +387,7 @@ pub(crate) async fn prune(s: &AppState, q: &Query) -> ApiResult<Response> {
             "dangling" => {}
             "label" => pf.labels.extend(vals.iter().cloned()),
             "label!" => pf.labels_not.extend(vals.iter().cloned()),
-            "until" => {
-                for v in vals {
-                    pf.until = Some(unix_from_filter(v)?);
-                }
-            }
+            "until" => pf.until = Some(until_filter(vals)?),
             other => return Err(ApiError::bad(format!("invalid filter '{other}'"))),
         }
     }
@@ -560,4 +537,38 @@ pub(crate) async fn system_df(s: &AppState) -> ApiResult<Response> {
         "BuildCache": [],
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_takes_timestamps_and_go_durations_before_now() {
+        assert_eq!(unix_from_filter("1700000000").ok(), Some(1_700_000_000));
+        assert_eq!(unix_from_filter("1700000000.5").ok(), Some(1_700_000_000));
+        assert_eq!(
+            unix_from_filter("2023-11-14T22:13:20Z").ok(),
+            Some(1_700_000_000)
+        );
+        let now = chrono::Utc::now().timestamp();
+        let ago = |v: &str| unix_from_filter(v).map(|t| now - t).ok();
+        assert!(matches!(ago("1h30m"), Some(5400..=5401)), "{:?}", ago("1h30m"));
+        assert!(matches!(ago("90s"), Some(90..=91)));
+        assert!(matches!(ago("1500ms"), Some(1..=2)));
+        for bad in ["soon", "1x", "1h30", ""] {
+            let e = unix_from_filter(bad).expect_err(bad);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(e.message, format!("invalid filter 'until={bad}'"));
+        }
+    }
+
+    #[test]
+    fn prune_refuses_two_until_filters() {
+        let two = ["1h".to_string(), "2h".to_string()];
+        let e = until_filter(&two).expect_err("two values");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.message, "more than one until filter specified");
+        assert!(until_filter(&two[..1]).is_ok());
+    }
 }

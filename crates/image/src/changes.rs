@@ -90,9 +90,10 @@ fn exec_form(args: &str) -> Vec<String> {
     json_array(args).unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into(), args.to_string()])
 }
 
-/// A Go duration as the Dockerfile's HEALTHCHECK options take it (`30s`,
-/// `1m30s`, `500ms`, `1.5h`), in nanoseconds.
-fn go_duration(text: &str) -> Option<i64> {
+/// A Go duration (`time.ParseDuration`) as Docker takes it in HEALTHCHECK
+/// options and `until` filters (`30s`, `1m30s`, `500ms`, `1.5h`), in
+/// nanoseconds; `None` when it is not one.
+pub fn go_duration(text: &str) -> Option<i64> {
     let mut total = 0f64;
     let mut rest = text;
     if rest.is_empty() {

@@ -28,7 +28,7 @@ mod extract;
 pub mod reference;
 mod store;
 
-pub use changes::apply_changes;
+pub use changes::{apply_changes, go_duration};
 pub use error::{Error, Result};
 pub use extract::{extract_archive, extract_layer};
 pub use reference::Reference;
