@@ -83,7 +83,11 @@ fn main() {
         Ok(c) => c,
         Err(e) => system::fatal(&format!("cannot open the control channel: {e}")),
     };
-    // The template builder snapshots the VM once this line is on the console.
+    // The template builder checks the clock line (a template must not carry
+    // a failed timer calibration into every clone), then snapshots the VM
+    // once `ready` is on the console.
+    let (clocksource, clockevent) = system::clock_devices();
+    log!("clock {clocksource} {clockevent}");
     log!("ready");
     let agent = agent::Agent::new(writer);
     {

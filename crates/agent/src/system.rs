@@ -53,6 +53,21 @@ fn mount_early(src: &str, target: &str, fstype: &str, flags: MsFlags) {
     }
 }
 
+/// The kernel's clocksource and clock event device, as sysfs names them
+/// (`tsc lapic`, `kvm-clock lapic-deadline`; `refined-jiffies pit` when
+/// timer calibration failed at boot). `?` for what cannot be read.
+pub fn clock_devices() -> (String, String) {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    (
+        read("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
+        read("/sys/devices/system/clockevents/clockevent0/current_device"),
+    )
+}
+
 /// Boot step 1: `/proc`, `/sys`, `/dev`, a console on fds 0–2, `lo` up.
 /// Failures are logged, not fatal: the control channel may still work.
 pub fn early_boot() {

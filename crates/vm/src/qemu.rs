@@ -352,31 +352,35 @@ impl Qemu {
                 "build_template needs a Boot::Template spec".into(),
             ));
         }
-        let vm = self.spawn_on_taps(spec, taps)?;
-        let kill = || {
-            crate::kill_vm(vm.pid, &spec.name);
-            let mut status = 0;
-            // SAFETY: waitpid on our own child to reap it.
-            unsafe {
-                libc::waitpid(vm.pid as libc::pid_t, &mut status, 0);
+        // Under load, the guest kernel's timer calibration at boot can fail
+        // (software emulation runs the calibration loops late): it then
+        // keeps the jiffies clocksource and the PIT, cannot stop its tick,
+        // and every clone of the template would cost a share of a host CPU
+        // while idle. Such a boot is retried; the last one is kept, with a
+        // warning, since its clones still run correctly.
+        let mut attempt = 1;
+        let vm = loop {
+            let _ = std::fs::remove_file(spec.run_dir.join(CONSOLE_LOG));
+            let vm = self.spawn_on_taps(spec, taps)?;
+            let clock = wait_ready(spec, &vm)?;
+            match clock_problem(&clock) {
+                None => break vm,
+                Some(problem) if attempt < TEMPLATE_BOOT_ATTEMPTS => {
+                    tracing::warn!(attempt, "template VM booted with {problem}; booting it again");
+                    kill_and_reap(vm.pid, &spec.name);
+                    attempt += 1;
+                }
+                Some(problem) => {
+                    tracing::warn!(
+                        attempt,
+                        "template VM booted with {problem} again; keeping it: its idle clones \
+                         will not stop their timer tick"
+                    );
+                    break vm;
+                }
             }
         };
-        let console = spec.run_dir.join(CONSOLE_LOG);
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let text = std::fs::read_to_string(&console).unwrap_or_default();
-            if text.contains("vessel-init: ready") {
-                break;
-            }
-            if !crate::vm_alive(vm.pid, &spec.name) || Instant::now() > deadline {
-                kill();
-                return Err(VmError::Spawn(format!(
-                    "template VM never became ready: {}",
-                    text.trim()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let kill = || kill_and_reap(vm.pid, &spec.name);
         let tmp = state.with_extension("tmp");
         let result = (|| {
             let mut q = Qmp::connect(&spec.run_dir.join(QMP_SOCKET), Duration::from_secs(10))?;
@@ -395,6 +399,60 @@ impl Qemu {
         })();
         kill();
         result
+    }
+}
+
+/// Boots of a template VM before one with a working clock is kept.
+const TEMPLATE_BOOT_ATTEMPTS: u32 = 3;
+
+fn kill_and_reap(pid: u32, name: &str) {
+    crate::kill_vm(pid, name);
+    let mut status = 0;
+    // SAFETY: waitpid on our own child to reap it.
+    unsafe {
+        libc::waitpid(pid as libc::pid_t, &mut status, 0);
+    }
+}
+
+/// Waits until the agent of a booting template VM is ready; returns its
+/// `clock` console line (clocksource and clock event device).
+fn wait_ready(spec: &VmSpec, vm: &VmProcess) -> Result<String, VmError> {
+    let console = spec.run_dir.join(CONSOLE_LOG);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("vessel-init: ready") {
+            let clock = text
+                .lines()
+                .find_map(|l| l.strip_prefix("vessel-init: clock "))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            return Ok(clock);
+        }
+        if !crate::vm_alive(vm.pid, &spec.name) || Instant::now() > deadline {
+            kill_and_reap(vm.pid, &spec.name);
+            return Err(VmError::Spawn(format!(
+                "template VM never became ready: {}",
+                text.trim()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What is wrong with a booted guest's clock, from the agent's `clock`
+/// line (`<clocksource> <clock event device>`): `None` when it can stop its
+/// tick when idle.
+fn clock_problem(clock: &str) -> Option<String> {
+    let mut parts = clock.split_whitespace();
+    let (source, event) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("?"));
+    if source.contains("jiffies") || event == "pit" {
+        Some(format!(
+            "clocksource {source} and clock events from {event} (timer calibration failed)"
+        ))
+    } else {
+        None
     }
 }
 
@@ -447,6 +505,16 @@ mod tests {
             taps: crate::tap_names(Path::new("/run/x")),
             tap_owner: "vb0".into(),
         }
+    }
+
+    #[test]
+    fn a_guest_left_on_jiffies_or_the_pit_has_a_clock_problem() {
+        assert_eq!(clock_problem("tsc lapic"), None);
+        assert_eq!(clock_problem("kvm-clock lapic-deadline"), None);
+        let p = clock_problem("refined-jiffies pit").expect("jiffies and the PIT");
+        assert!(p.contains("refined-jiffies") && p.contains("pit"), "{p}");
+        assert!(clock_problem("tsc pit").is_some());
+        assert!(clock_problem("jiffies lapic").is_some());
     }
 
     #[test]
