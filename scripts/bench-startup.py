@@ -12,7 +12,8 @@ Prints medians and the ratio Vessel / dockerd+runc for
     warm VMs and with plain template clones; the shim and the container's
     processes for dockerd), and how many such containers fit in host memory
   * N idle containers (`docker run -d busybox sleep 100000`) started in a row:
-    time and total host memory
+    time, total host memory, and the CPU they and the engine use while idle
+    (over 10 s)
   * cold boot versus template clone versus warm VM for Vessel alone.
 Usage: scripts/bench-startup.py [--runs 10] [--idle 100] [--no-dockerd]
 Needs scripts/setup.sh to have run; installs Debian's docker.io for the peer
@@ -41,6 +42,23 @@ def pss_kib(pid):
     except OSError:
         pass
     return 0
+
+
+def cpu_ticks(pid):
+    """User plus system CPU time of a process (all its threads), in clock ticks."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def idle_cpu_percent(pids, seconds=10):
+    """Share of one host CPU that `pids` used together over `seconds` of idling."""
+    before = sum(cpu_ticks(p) for p in pids)
+    time.sleep(seconds)
+    after = sum(cpu_ticks(p) for p in pids)
+    return (after - before) / os.sysconf("SC_CLK_TCK") / seconds * 100
 
 
 def descendants(pid):
@@ -183,10 +201,14 @@ def main():
             daemon = (pss_kib(e.proc.pid) - daemon_before) / 1024 if e is not d else 0
             total = sum(pss_kib(p) for p in pids) / 1024 + daemon
             each = total / a.idle
+            # Idle CPU: the containers' processes and the engine's daemons
+            # (dockerd and containerd for the peer).
+            daemons = [e.proc.pid] + (descendants(e.proc.pid) if e is d else [])
+            cpu = idle_cpu_percent(pids + [p for p in daemons if p not in pids])
             extra = f" (daemon +{daemon:.1f} MiB)" if e is not d else ""
             print(f"  {e.name:<12} {took:6.1f} s in all ({took / a.idle * 1000:5.0f} ms each); host memory (PSS) "
                   f"{total:8.1f} MiB in all{extra}, {each:6.1f} MiB per idle container, "
-                  f"{avail / each:6.0f} would fit")
+                  f"{avail / each:6.0f} would fit; idle CPU {cpu:5.1f}% of one core in all")
             for chunk in range(0, len(ids), 50):
                 e.docker("rm", "-f", *ids[chunk:chunk + 50], check=False)
         print(f"  host memory {avail / 1024:.1f} GiB")

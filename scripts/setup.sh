@@ -11,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 guest_dir=${VESSEL_GUEST_DIR:-/usr/local/lib/vessel}
 
-packages=(qemu-system-x86 qemu-utils e2fsprogs linux-source-6.1 build-essential flex bison bc
+packages=(qemu-system-x86 qemu-utils e2fsprogs linux-source-6.1 build-essential patch flex bison bc
           libelf-dev libssl-dev busybox-static python3 docker-registry
           iproute2 nftables docker-compose)
 missing_packages() {

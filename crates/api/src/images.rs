@@ -553,7 +553,11 @@ mod tests {
         );
         let now = chrono::Utc::now().timestamp();
         let ago = |v: &str| unix_from_filter(v).map(|t| now - t).ok();
-        assert!(matches!(ago("1h30m"), Some(5400..=5401)), "{:?}", ago("1h30m"));
+        assert!(
+            matches!(ago("1h30m"), Some(5400..=5401)),
+            "{:?}",
+            ago("1h30m")
+        );
         assert!(matches!(ago("90s"), Some(90..=91)));
         assert!(matches!(ago("1500ms"), Some(1..=2)));
         for bad in ["soon", "1x", "1h30", ""] {

@@ -381,7 +381,13 @@ impl Engine {
         let qemu_path = cfg.qemu.clone();
         let probe = blocking(move || vessel_vm::probe(&qemu_path)).await?;
         info!(accel = probe.accel.as_str(), reason = %probe.reason, "hypervisor probe");
-        let qemu = Qemu::new(cfg.qemu.clone(), probe.accel).map_err(|e| internal("qemu", e))?;
+        let qemu = {
+            let (binary, accel) = (cfg.qemu.clone(), probe.accel);
+            // Blocking: runs `qemu --version` and measures the host TSC.
+            blocking(move || Qemu::new(binary, accel))
+                .await?
+                .map_err(|e| internal("qemu", e))?
+        };
         let (initrd, _) = vessel_vm::initrd::prepare(&cfg.agent, &root.join("guest"))
             .map_err(|e| internal("initramfs", e))?;
         let blank_upper = root
@@ -403,9 +409,12 @@ impl Engine {
             }
             let kmeta = std::fs::metadata(&cfg.kernel).map_err(|e| internal("guest kernel", e))?;
             // Bump the leading format number whenever the VM's device layout
-            // or the way templates are made changes.
+            // or the way templates are made changes. The command line's TCG
+            // additions are not spelled out here: their host TSC rate differs
+            // by a few kHz from one measurement to the next; `describe()`
+            // gives it in MHz.
             let generation = format!(
-                "format=2|cmdline={}|kernel={}:{}:{:?}|initrd={}|{}",
+                "format=3|cmdline={}|kernel={}:{}:{:?}|initrd={}|{}",
                 vessel_vm::qemu::KERNEL_CMDLINE,
                 cfg.kernel.display(),
                 kmeta.len(),

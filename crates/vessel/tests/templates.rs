@@ -94,6 +94,74 @@ fn clones_have_their_own_identity() {
     assert_eq!(d.log().matches("boot=\"clone\"").count(), 4, "{}", d.log());
 }
 
+/// Busy loops on every host CPU (two per CPU) until dropped.
+struct HostLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HostLoad {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = (0..2 * cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for HostLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A template booted while every host CPU is busy still has a working TSC
+/// clocksource and local APIC timer (the guest kernel's own calibration of
+/// both fails under load, leaving jiffies and the PIT, with which an idle
+/// container never stops ticking): its clones report them, and the daemon
+/// logs no calibration failure.
+#[test]
+fn a_template_booted_on_a_busy_host_keeps_its_clocks() {
+    let load = HostLoad::start();
+    let d = Daemon::start_with(&["--warm-vms", "0"]);
+    wait_for_template(&d);
+    drop(load);
+    d.load_busybox(&["busybox:latest"]);
+    let out = d.ok(&[
+        "run",
+        "--rm",
+        "busybox",
+        "cat",
+        "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+        "/sys/devices/system/clockevents/clockevent0/current_device",
+    ]);
+    let log = d.log();
+    assert!(log.contains("boot=\"clone\""), "{log}");
+    if log.contains("(tcg") {
+        assert_eq!(out, "tsc\nlapic\n", "{log}");
+    } else {
+        // Under KVM the guest keeps time with kvm-clock.
+        assert!(
+            out.starts_with("kvm-clock\n") || out.starts_with("tsc\n"),
+            "{out}"
+        );
+    }
+    assert!(!log.contains("timer calibration failed"), "{log}");
+}
+
 #[test]
 fn templates_survive_a_daemon_restart_and_can_be_disabled() {
     let mut d = Daemon::start();

@@ -18,6 +18,7 @@ pub mod probe;
 pub mod qemu;
 pub mod qmp;
 pub mod tap;
+pub mod tsc;
 
 use std::path::PathBuf;
 

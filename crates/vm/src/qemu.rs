@@ -35,6 +35,12 @@ pub const QEMU_LOG: &str = "qemu.log";
 pub const KERNEL_CMDLINE: &str =
     "console=ttyS0 quiet reboot=t panic=-1 tsc=reliable vessel.transport=virtio-serial";
 
+/// The frequency of QEMU's emulated local APIC timer (a fixed 1 GHz bus
+/// clock in `hw/intc/apic.c`). Told to TCG guests with `lapic_bus_hz=` (a
+/// parameter of Vessel's guest kernel, `guest/kernel/patches`) so that they
+/// need not calibrate the timer.
+pub const TCG_APIC_BUS_HZ: u32 = 1_000_000_000;
+
 /// Size of TCG's translation block cache per VM, in MiB.
 pub const TCG_TB_MIB: u32 = 32;
 
@@ -44,6 +50,9 @@ pub struct Qemu {
     binary: PathBuf,
     accel: Accel,
     version: String,
+    cmdline: String,
+    /// The host TSC rate told to TCG guests, in kHz.
+    tsc_khz: Option<u32>,
 }
 
 impl Qemu {
@@ -59,11 +68,19 @@ impl Qemu {
             .and_then(|l| l.split("version ").nth(1))
             .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
             .unwrap_or_else(|| "unknown".into());
+        let (cmdline, tsc_khz) = kernel_cmdline(accel);
         Ok(Self {
             binary,
             accel,
             version,
+            cmdline,
+            tsc_khz,
         })
+    }
+
+    /// The guest kernel's command line for cold boots and template boots.
+    pub fn kernel_cmdline(&self) -> &str {
+        &self.cmdline
     }
 
     /// QEMU's version string.
@@ -79,7 +96,7 @@ impl Qemu {
             Accel::Kvm => "host",
             Accel::Tcg => "max",
         };
-        let cmdline = KERNEL_CMDLINE;
+        let cmdline = self.cmdline.as_str();
         let mut a: Vec<String> = vec![];
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         push(&["-name", &format!("vessel-{}", spec.name)]);
@@ -211,9 +228,45 @@ impl Qemu {
     }
 }
 
+/// [`KERNEL_CMDLINE`], and under TCG what the guest would otherwise have to
+/// calibrate against the emulated PIT (which fails when the host is loaded
+/// while the guest boots, see [`crate::tsc`]): the APIC timer's rate always,
+/// the TSC's when the host's can be measured. Under KVM the guest has
+/// kvm-clock and the TSC-deadline timer and calibrates nothing.
+fn kernel_cmdline(accel: Accel) -> (String, Option<u32>) {
+    match accel {
+        Accel::Kvm => (KERNEL_CMDLINE.to_string(), None),
+        Accel::Tcg => {
+            let mut cmdline = format!("{KERNEL_CMDLINE} lapic_bus_hz={TCG_APIC_BUS_HZ}");
+            let tsc = crate::tsc::host_tsc_khz();
+            match &tsc {
+                Ok(khz) => {
+                    tracing::info!(khz, "host TSC rate measured for TCG guests");
+                    cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+                }
+                Err(why) => tracing::warn!(
+                    "TCG guests will calibrate their TSC themselves, which fails when the \
+                     host is busy while they boot: {why}"
+                ),
+            }
+            (cmdline, tsc.ok())
+        }
+    }
+}
+
 impl Hypervisor for Qemu {
     fn describe(&self) -> String {
-        format!("qemu {} ({})", self.version, self.accel.as_str())
+        match self.tsc_khz {
+            // The rate in MHz: templates follow a different host, not the
+            // few kHz two measurements on one host differ by.
+            Some(khz) => format!(
+                "qemu {} ({}, host TSC {} MHz)",
+                self.version,
+                self.accel.as_str(),
+                (khz + 500) / 1000
+            ),
+            None => format!("qemu {} ({})", self.version, self.accel.as_str()),
+        }
     }
 
     fn accel(&self) -> Accel {
@@ -504,11 +557,46 @@ mod tests {
     }
 
     #[test]
+    fn tcg_guests_are_told_their_timer_rates() {
+        let (kvm, none) = kernel_cmdline(Accel::Kvm);
+        assert_eq!((kvm.as_str(), none), (KERNEL_CMDLINE, None));
+        let (tcg, tsc) = kernel_cmdline(Accel::Tcg);
+        assert!(tcg.starts_with(KERNEL_CMDLINE), "{tcg}");
+        assert!(tcg.contains(" lapic_bus_hz=1000000000"), "{tcg}");
+        match (tsc, crate::tsc::host_tsc_khz()) {
+            (Some(khz), Ok(_)) => assert!(tcg.contains(&format!(" tsc_early_khz={khz}")), "{tcg}"),
+            (None, Err(_)) => assert!(!tcg.contains("tsc_early_khz"), "{tcg}"),
+            (a, b) => panic!("measured {a:?} once and {b:?} the next time"),
+        }
+        // Cold boots and templates boot with it.
+        let q = Qemu {
+            binary: "qemu".into(),
+            accel: Accel::Tcg,
+            version: "7.2".into(),
+            cmdline: tcg.clone(),
+            tsc_khz: tsc,
+        };
+        let args = q.args(&spec(), &[3, 4, 5]);
+        let append = args.iter().position(|a| a == "-append").expect("-append");
+        assert_eq!(args[append + 1], tcg);
+        if let Some(khz) = tsc {
+            let mhz = (khz + 500) / 1000;
+            assert!(
+                q.describe().contains(&format!("host TSC {mhz} MHz")),
+                "{}",
+                q.describe()
+            );
+        }
+    }
+
+    #[test]
     fn device_layout_does_not_depend_on_the_container() {
         let q = Qemu {
             binary: "qemu".into(),
             accel: Accel::Tcg,
             version: "7.2".into(),
+            cmdline: KERNEL_CMDLINE.into(),
+            tsc_khz: None,
         };
         let a = q.args(&spec(), &[3, 4, 5]);
         let mut other = spec();
