@@ -453,18 +453,35 @@ pub(crate) async fn list(s: &AppState, q: &Query) -> ApiResult<Response> {
     };
     let mut before = None;
     let mut since = None;
+    let mut until: Vec<i64> = vec![];
+    let mut dangling = None;
     for (k, vals) in &filters {
         match k.as_str() {
             "before" => before = vals.first().map(|v| created_of(v)).transpose()?,
             "since" => since = vals.first().map(|v| created_of(v)).transpose()?,
-            "dangling" | "label" | "reference" => {}
+            "until" => {
+                until = vals
+                    .iter()
+                    .map(|v| unix_from_filter(v))
+                    .collect::<ApiResult<_>>()?
+            }
+            // As dockerd: true or false, nothing else.
+            "dangling" => {
+                dangling = match vals.first().map(String::as_str) {
+                    Some("true" | "1") => Some(true),
+                    Some("false" | "0") => Some(false),
+                    other => {
+                        return Err(ApiError::bad(format!(
+                            "invalid filter 'dangling={}'",
+                            other.unwrap_or_default()
+                        )))
+                    }
+                }
+            }
+            "label" | "reference" => {}
             other => return Err(ApiError::bad(format!("invalid filter '{other}'"))),
         }
     }
-    let dangling = filters
-        .get("dangling")
-        .and_then(|v| v.first())
-        .map(|d| matches!(d.as_str(), "true" | "1"));
     let labels = filters.get("label").cloned().unwrap_or_default();
     let refs = filters.get("reference").cloned().unwrap_or_default();
     let out: Vec<ImageSummary> = all
@@ -482,6 +499,7 @@ pub(crate) async fn list(s: &AppState, q: &Query) -> ApiResult<Response> {
         })
         .filter(|i| before.is_none_or(|b| i.created_unix() < b))
         .filter(|i| since.is_none_or(|b| i.created_unix() > b))
+        .filter(|i| until.iter().all(|u| i.created_unix() < *u))
         .map(|i| summary(s, i, -1))
         .collect();
     Ok(axum::Json(out).into_response())

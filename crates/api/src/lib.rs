@@ -68,6 +68,7 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             EngineError::NotModified => StatusCode::NOT_MODIFIED,
             EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
+            EngineError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
@@ -822,12 +823,15 @@ fn parse_filters(q: &Query) -> ApiResult<HashMap<String, Vec<String>>> {
 
 async fn containers_list(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
     let q = Query::of(req.uri());
-    let mut list = s.engine.list(q.flag("all"), &parse_filters(&q)?)?;
-    if let Some(n) = q
+    let limit = q
         .get("limit")
         .and_then(|l| l.parse::<i64>().ok())
-        .filter(|n| *n > 0)
-    {
+        .filter(|n| *n > 0);
+    // As dockerd: a limit (`ps -n`, `ps -l`) counts stopped containers too.
+    let mut list = s
+        .engine
+        .list(q.flag("all") || limit.is_some(), &parse_filters(&q)?)?;
+    if let Some(n) = limit {
         list.truncate(n as usize);
     }
     Ok(axum::Json(list).into_response())
@@ -1801,6 +1805,10 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
             (EngineError::NotModified, StatusCode::NOT_MODIFIED),
+            (
+                EngineError::NotImplemented("cannot read logs".into()),
+                StatusCode::NOT_IMPLEMENTED,
+            ),
             (
                 EngineError::Internal("boom".into()),
                 StatusCode::INTERNAL_SERVER_ERROR,

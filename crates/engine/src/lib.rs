@@ -86,6 +86,9 @@ pub enum EngineError {
     /// 403.
     #[error("{0}")]
     Forbidden(String),
+    /// 501: the request is valid but this configuration cannot serve it.
+    #[error("{0}")]
+    NotImplemented(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -806,7 +809,11 @@ impl Engine {
                     r.state.status.as_str()
                 };
                 any("status", &|v| v == state)
-                    && any("name", &|v| r.name.contains(v.trim_start_matches('/')))
+                    // A regular expression against "/<name>", as dockerd
+                    // matches it; one that does not compile matches nothing.
+                    && any("name", &|v| {
+                        regex::Regex::new(v).is_ok_and(|re| re.is_match(&format!("/{}", r.name)))
+                    })
                     && any("id", &|v| r.id.starts_with(v))
                     && any("health", &|v| v == r.health_status())
                     && any("exited", &|v| {
@@ -1250,6 +1257,7 @@ impl Engine {
             }
         }
         log_driver(&host_config)?;
+        network::check_extra_hosts(&host_config)?;
         for path in host_config.tmpfs.iter().flat_map(|t| t.keys()) {
             if !path.starts_with('/') {
                 return Err(EngineError::InvalidParameter(format!(
@@ -1868,7 +1876,7 @@ impl Engine {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
             extra_hosts: {
-                let mut lines = network::hosts_lines(rec);
+                let mut lines = network::hosts_lines(rec, self.host_gateway());
                 lines.extend(self.link_hosts(rec, true)?);
                 lines
             },
@@ -2411,7 +2419,7 @@ impl Engine {
         let tty = h.rec().config.tty.unwrap_or(false);
         let path = self.log_path(&h.id);
         let Some(rotation) = log_driver(&h.rec().host_config)? else {
-            return Err(EngineError::InvalidParameter(
+            return Err(EngineError::NotImplemented(
                 "configured logging driver does not support reading".into(),
             ));
         };
@@ -2972,7 +2980,7 @@ fn merge_config(
         attach_stdin: body.attach_stdin,
         attach_stdout: body.attach_stdout,
         attach_stderr: body.attach_stderr,
-        exposed_ports: body.exposed_ports.clone(),
+        exposed_ports: merge_exposed_ports(body.exposed_ports.as_deref(), &image.exposed_ports),
         tty: Some(body.tty.unwrap_or(false)),
         open_stdin: Some(body.open_stdin.unwrap_or(false)),
         stdin_once: Some(body.stdin_once.unwrap_or(false)),
@@ -3055,6 +3063,30 @@ fn parse_link(link: &str) -> (&str, &str) {
 /// The container's health check as dockerd merges it: the image's, with
 /// each field the request sets (`--health-interval` alone keeps the
 /// image's test command).
+/// The container's exposed ports: the request's, then the image's
+/// (`EXPOSE`) that the request does not name, as dockerd merges them (so
+/// `-P` publishes an image's ports). A port without a protocol is TCP.
+fn merge_exposed_ports(user: Option<&[String]>, image: &[String]) -> Option<Vec<String>> {
+    let norm = |p: &str| {
+        if p.contains('/') {
+            p.to_ascii_lowercase()
+        } else {
+            format!("{p}/tcp")
+        }
+    };
+    let mut out: Vec<String> = user.unwrap_or_default().to_vec();
+    for p in image {
+        if !out.iter().any(|u| norm(u) == norm(p)) {
+            out.push(p.clone());
+        }
+    }
+    if out.is_empty() && user.is_none() {
+        None
+    } else {
+        Some(out)
+    }
+}
+
 fn merge_healthcheck(
     user: Option<bollard_stubs::models::HealthConfig>,
     image: Option<bollard_stubs::models::HealthConfig>,
@@ -3143,7 +3175,7 @@ fn make_upper(blank: &Path, upper: &Path) -> Result<(), EngineError> {
 
 #[cfg(test)]
 mod tests {
-    use super::merge_healthcheck;
+    use super::{merge_exposed_ports, merge_healthcheck};
     use bollard_stubs::models::HealthConfig;
 
     #[test]
@@ -3162,6 +3194,23 @@ mod tests {
         assert_eq!(super::parse_link("db:database"), ("db", "database"));
         assert_eq!(super::parse_link("/db:/web/database"), ("db", "database"));
         assert_eq!(super::parse_link("db"), ("db", "db"));
+    }
+
+    #[test]
+    fn exposed_ports_merge_the_image_s_after_the_request_s() {
+        let img = vec!["80/tcp".to_string(), "53/udp".to_string()];
+        assert_eq!(merge_exposed_ports(None, &[]), None);
+        assert_eq!(merge_exposed_ports(Some(&[]), &[]), Some(vec![]));
+        assert_eq!(
+            merge_exposed_ports(None, &img),
+            Some(vec!["80/tcp".to_string(), "53/udp".to_string()])
+        );
+        // "80" is 80/tcp: not listed twice; 53/tcp is not 53/udp.
+        let user = vec!["80".to_string(), "53/tcp".to_string()];
+        assert_eq!(
+            merge_exposed_ports(Some(&user), &img),
+            Some(vec!["80".into(), "53/tcp".into(), "53/udp".into()])
+        );
     }
 
     #[test]

@@ -782,16 +782,58 @@ pub(crate) fn interfaces(rec: &ContainerRecord) -> Vec<InterfaceSpec> {
     out
 }
 
-/// `/etc/hosts` lines for a container's own addresses (Docker lists the
-/// container's address with its hostname), after the user's `--add-host`.
-pub(crate) fn hosts_lines(rec: &ContainerRecord) -> Vec<String> {
+/// The address `--add-host name:host-gateway` stands for.
+pub(crate) const HOST_GATEWAY: &str = "host-gateway";
+
+/// One `--add-host` entry, `name:ip` (what the docker CLI sends) or
+/// `name=ip`, the address optionally in brackets: the name and the address,
+/// or dockerd's message for an entry it refuses.
+pub(crate) fn parse_extra_host(entry: &str) -> Result<(&str, &str), EngineError> {
+    let (name, ip) = entry
+        .split_once('=')
+        .or_else(|| entry.split_once(':'))
+        .filter(|(name, _)| !name.is_empty())
+        .ok_or_else(|| {
+            EngineError::InvalidParameter(format!("bad format for add-host: \"{entry}\""))
+        })?;
+    let ip = ip
+        .strip_prefix('[')
+        .and_then(|i| i.strip_suffix(']'))
+        .unwrap_or(ip);
+    if ip != HOST_GATEWAY && ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(EngineError::InvalidParameter(format!(
+            "invalid IP address in add-host: \"{ip}\""
+        )));
+    }
+    Ok((name, ip))
+}
+
+/// Checks every `--add-host` entry of a container to be created.
+pub(crate) fn check_extra_hosts(hc: &bollard_stubs::models::HostConfig) -> Result<(), EngineError> {
+    for entry in hc.extra_hosts.iter().flatten() {
+        parse_extra_host(entry)?;
+    }
+    Ok(())
+}
+
+/// `/etc/hosts` lines for the user's `--add-host` entries (`host-gateway`
+/// replaced by `host_gateway`, the default bridge's gateway on the host, as
+/// dockerd does), then the container's own addresses (Docker lists the
+/// container's address with its hostname).
+pub(crate) fn hosts_lines(rec: &ContainerRecord, host_gateway: Option<Ipv4Addr>) -> Vec<String> {
     let mut out: Vec<String> = rec
         .host_config
         .extra_hosts
-        .clone()
-        .unwrap_or_default()
         .iter()
-        .filter_map(|h| h.split_once(':').map(|(name, ip)| format!("{ip}\t{name}")))
+        .flatten()
+        .filter_map(|h| {
+            let (name, ip) = parse_extra_host(h).ok()?;
+            if ip == HOST_GATEWAY {
+                Some(format!("{}\t{name}", host_gateway?))
+            } else {
+                Some(format!("{ip}\t{name}"))
+            }
+        })
         .collect();
     let hostname = rec.config.hostname.clone().unwrap_or_default();
     let mut eps: Vec<&Endpoint> = rec.networks.values().filter(|e| e.ip.is_some()).collect();
@@ -986,6 +1028,12 @@ impl crate::Engine {
         &self.inner.networks
     }
 
+    /// The host's address on the default bridge, which `host-gateway` in
+    /// `--add-host` stands for.
+    pub(crate) fn host_gateway(&self) -> Option<Ipv4Addr> {
+        self.nets().find_exact("bridge").and_then(|n| n.gateway)
+    }
+
     /// Containers (records) that have an endpoint on network `id`.
     fn network_users(&self, id: &str) -> Vec<ContainerRecord> {
         self.handles()
@@ -1147,7 +1195,7 @@ impl crate::Engine {
             h.live.lock().await.writer.clone().ok_or_else(|| {
                 EngineError::Conflict(format!("container {} is not running", rec.id))
             })?;
-        let mut hosts = hosts_lines(rec);
+        let mut hosts = hosts_lines(rec, self.host_gateway());
         hosts.extend(self.link_hosts(rec, false).unwrap_or_default());
         let interfaces = interfaces(rec);
         let answer = self
@@ -1612,5 +1660,26 @@ impl crate::Engine {
                 Err(e) => warn!(network = %n.name, "DNS server on {listen}: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod extra_host_tests {
+    use super::*;
+
+    #[test]
+    fn add_host_entries_parse_as_dockerd_and_bad_ones_are_refused() {
+        fn ok(e: &str) -> (&str, &str) {
+            parse_extra_host(e).expect(e)
+        }
+        assert_eq!(ok("db.local:10.1.2.3"), ("db.local", "10.1.2.3"));
+        assert_eq!(ok("db.local=10.1.2.3"), ("db.local", "10.1.2.3"));
+        assert_eq!(ok("v6:::1"), ("v6", "::1"));
+        assert_eq!(ok("v6=[fe80::1]"), ("v6", "fe80::1"));
+        assert_eq!(ok("gw:host-gateway"), ("gw", HOST_GATEWAY));
+        let msg = |e: &str| parse_extra_host(e).expect_err(e).to_string();
+        assert!(msg("db:notanip").contains("invalid IP address in add-host: \"notanip\""));
+        assert!(msg("justaname").contains("bad format for add-host"));
+        assert!(msg(":1.2.3.4").contains("bad format for add-host"));
     }
 }

@@ -99,6 +99,18 @@ fn load_several_images_inspect_and_remove() {
             "localhost:5000/tools/bb:v1"
         ]
     );
+    // until= keeps images created before a time; dangling takes true or
+    // false only.
+    let count = |f: &str| d.ok(&["images", "-q", "--filter", f]).lines().count();
+    assert!(count("until=2999-01-01T00:00:00Z") >= 1);
+    assert_eq!(count("until=1970-01-02T00:00:00Z"), 0);
+    let bad = d.docker(&["images", "--filter", "dangling=bogus"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("invalid filter 'dangling=bogus'"),
+        "{}",
+        stderr(&bad)
+    );
 
     let cmd = d.ok(&[
         "image",

@@ -107,12 +107,22 @@ fn rename_ps_filters_and_prune() {
         vec!["bad3", "ok0"]
     );
     assert_eq!(names(&["-a", "--filter", "name=ok"]), vec!["ok0"]);
+    // Name filters are regular expressions, as with dockerd.
+    assert_eq!(
+        names(&["-a", "--filter", "name=^/?(ok0|live)$"]),
+        vec!["live", "ok0"]
+    );
+    assert_eq!(names(&["-a", "--filter", "name=^/live"]), vec!["live"]);
+    assert!(names(&["-a", "--filter", "name=^ok$"]).is_empty());
     assert_eq!(names(&["-a", "--filter", "ancestor=busybox"]).len(), 4);
     assert_eq!(
         names(&["-a", "--filter", "since=bad3"]),
         vec!["fresh", "live"]
     );
     assert_eq!(names(&["-a", "--filter", "before=bad3"]), vec!["ok0"]);
+    // -n and -l count containers that are not running, newest first.
+    assert_eq!(names(&["-n", "2"]), vec!["fresh", "live"]);
+    assert_eq!(names(&["-n", "3"]), vec!["bad3", "fresh", "live"]);
     let out = d.docker(&["ps", "--filter", "nonsense=1"]);
     assert!(stderr(&out).contains("invalid filter"), "{}", stderr(&out));
 

@@ -402,6 +402,47 @@ fn ports_survive_a_daemon_restart_and_conflicts_fail_the_start() {
     );
     let addr = format!("127.0.0.1:{port}");
     assert!(http_get(&addr, "/hostname").is_some());
+    // -P also publishes the ports the image exposes (EXPOSE), which the
+    // container's config then lists.
+    d.ok(&["create", "--name", "src", "busybox", "true"]);
+    d.ok(&["commit", "--change", "EXPOSE 8081", "src", "exposing:1"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "img-ports",
+        "-P",
+        "exposing:1",
+        "httpd",
+        "-f",
+        "-p",
+        "8081",
+        "-h",
+        "/etc",
+    ]);
+    let exposed = d.ok(&[
+        "inspect",
+        "-f",
+        "{{json .Config.ExposedPorts}}",
+        "img-ports",
+    ]);
+    assert!(exposed.contains("\"8081/tcp\""), "{exposed}");
+    let published = d.ok(&["port", "img-ports", "8081"]);
+    let host_port = published
+        .lines()
+        .find_map(|l| l.strip_prefix("0.0.0.0:"))
+        .unwrap_or_else(|| panic!("8081 not published: {published}"))
+        .trim()
+        .to_string();
+    assert!(
+        common::eventually(30, || http_get(
+            &format!("127.0.0.1:{host_port}"),
+            "/hostname"
+        )
+        .is_some()),
+        "the image's exposed port answers on {host_port}"
+    );
+    d.ok(&["rm", "-f", "img-ports", "src"]);
     // A user network and a container on it, for after the restart.
     d.ok(&["network", "create", "--label", "keep=1", "kept"]);
     d.ok(&[
@@ -693,6 +734,8 @@ fn run_flags_shape_the_guest_network() {
         "ndots:2",
         "--add-host",
         "db.local:10.1.2.3",
+        "--add-host",
+        "gw.test:host-gateway",
         "busybox",
         "sleep",
         "1000",
@@ -710,6 +753,18 @@ fn run_flags_shape_the_guest_network() {
     assert!(!resolv.contains("10.9.9.9"), "{resolv}");
     let hosts = d.ok(&["exec", "mm", "cat", "/etc/hosts"]);
     assert!(hosts.contains("10.1.2.3\tdb.local"), "{hosts}");
+    // host-gateway is the host's address on the default bridge, as with dockerd.
+    let gw = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+        "bridge",
+    ]);
+    assert!(
+        hosts.contains(&format!("{}\tgw.test", gw.trim())),
+        "{gw}: {hosts}"
+    );
     assert!(hosts.contains("10.211.0.9\t"), "own address: {hosts}");
     let addrs = d.ok(&["exec", "mm", "ip", "-4", "-o", "addr"]);
     assert!(
