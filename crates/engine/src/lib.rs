@@ -3060,9 +3060,6 @@ fn parse_link(link: &str) -> (&str, &str) {
     (name, if alias.is_empty() { name } else { alias })
 }
 
-/// The container's health check as dockerd merges it: the image's, with
-/// each field the request sets (`--health-interval` alone keeps the
-/// image's test command).
 /// The container's exposed ports: the request's, then the image's
 /// (`EXPOSE`) that the request does not name, as dockerd merges them (so
 /// `-P` publishes an image's ports). A port without a protocol is TCP.
@@ -3087,6 +3084,9 @@ fn merge_exposed_ports(user: Option<&[String]>, image: &[String]) -> Option<Vec<
     }
 }
 
+/// The container's health check as dockerd merges it: the image's, with
+/// each field the request sets (`--health-interval` alone keeps the
+/// image's test command).
 fn merge_healthcheck(
     user: Option<bollard_stubs::models::HealthConfig>,
     image: Option<bollard_stubs::models::HealthConfig>,

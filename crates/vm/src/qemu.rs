@@ -78,11 +78,6 @@ impl Qemu {
         })
     }
 
-    /// The guest kernel's command line for cold boots and template boots.
-    pub fn kernel_cmdline(&self) -> &str {
-        &self.cmdline
-    }
-
     /// QEMU's version string.
     pub fn version(&self) -> &str {
         &self.version
@@ -256,17 +251,13 @@ fn kernel_cmdline(accel: Accel) -> (String, Option<u32>) {
 
 impl Hypervisor for Qemu {
     fn describe(&self) -> String {
-        match self.tsc_khz {
-            // The rate in MHz: templates follow a different host, not the
-            // few kHz two measurements on one host differ by.
-            Some(khz) => format!(
-                "qemu {} ({}, host TSC {} MHz)",
-                self.version,
-                self.accel.as_str(),
-                (khz + 500) / 1000
-            ),
-            None => format!("qemu {} ({})", self.version, self.accel.as_str()),
-        }
+        // The TSC rate in MHz: templates follow a different host, not the
+        // few kHz two measurements on one host differ by.
+        let tsc = self
+            .tsc_khz
+            .map(|khz| format!(", host TSC {} MHz", (khz + 500) / 1000))
+            .unwrap_or_default();
+        format!("qemu {} ({}{tsc})", self.version, self.accel.as_str())
     }
 
     fn accel(&self) -> Accel {
