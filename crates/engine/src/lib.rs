@@ -15,6 +15,7 @@ mod events;
 mod exec;
 mod filters;
 mod health;
+mod idle;
 mod logs;
 mod names;
 mod network;
@@ -142,6 +143,9 @@ pub struct EngineConfig {
     pub registry: vessel_registry::RegistryConfig,
     /// The default network's bridge and subnet.
     pub network: NetworkConfig,
+    /// Under software emulation, a container VM idle this long gives back
+    /// its translated code (see `idle`); `None` never.
+    pub tcg_trim_after: Option<Duration>,
 }
 
 /// Output of a container as attach clients see it.
@@ -487,6 +491,11 @@ impl Engine {
                 vcpus: engine.inner.cfg.default_vcpus,
             };
             t.prepare(&shape);
+        }
+        if let (Accel::Tcg, Some(after)) =
+            (engine.inner.probe.accel, engine.inner.cfg.tcg_trim_after)
+        {
+            tokio::spawn(idle::run(engine.clone(), after));
         }
         Ok(engine)
     }

@@ -88,6 +88,12 @@ struct DaemonArgs {
     /// instead of starting a VM (0 turns this off; needs --vm-templates).
     #[arg(long = "warm-vms", default_value_t = 1)]
     warm_vms: usize,
+    /// Under software emulation (TCG), a container VM that has been idle
+    /// this many seconds gives back the host code QEMU translated for it
+    /// (most of its memory); it translates again what it runs when it wakes.
+    /// 0 never does. No effect under KVM.
+    #[arg(long = "tcg-trim-after", default_value_t = 30)]
+    tcg_trim_after: u64,
     /// Host bridge of the default `bridge` network; it also names the
     /// daemon's nftables table. Default: `vessel0` with the default data
     /// root, else `vb` and a hash of the data root, so that two daemons
@@ -184,6 +190,8 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         default_vcpus: args.default_cpus.max(1),
         templates: args.vm_templates,
         warm_vms: args.warm_vms,
+        tcg_trim_after: (args.tcg_trim_after > 0)
+            .then(|| std::time::Duration::from_secs(args.tcg_trim_after)),
         registry,
         network: NetworkConfig {
             bridge_name: args

@@ -286,3 +286,75 @@ fn vm_running(d: &Daemon, pattern: &str) -> bool {
         .expect("pgrep");
     !out.stdout.is_empty()
 }
+
+/// Resident KiB of QEMU's translated-code buffer (its `tcg-jit` memfd,
+/// writable mapping) in process `pid`.
+fn translated_code_kib(pid: &str) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut lines = smaps.lines();
+    while let Some(l) = lines.next() {
+        if l.contains("rw-s") && l.contains("/memfd:tcg-jit") {
+            return lines
+                .find_map(|l| l.strip_prefix("Rss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .expect("Rss");
+        }
+    }
+    panic!("no translated-code buffer in {pid}")
+}
+
+#[test]
+fn an_idle_container_gives_back_its_translated_code_and_keeps_working() {
+    let d = Daemon::start_with(&["--warm-vms", "0", "--tcg-trim-after", "2"]);
+    d.load_busybox(&["busybox:latest"]);
+    wait_for_template(&d);
+    if !d.log().contains("(tcg") {
+        // Under KVM there is no translated code.
+        return;
+    }
+    let id = d.ok(&[
+        "run",
+        "-d",
+        "busybox",
+        "sh",
+        "-c",
+        "echo kept > /tmp/f; sleep 100000",
+    ]);
+    let id = id.trim();
+    let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", id]);
+    let pid = pid.trim();
+    assert!(
+        eventually(60, || d
+            .log()
+            .contains("idle VM gave back its translated code")),
+        "no trim: {}",
+        d.log()
+    );
+    let after = translated_code_kib(pid);
+    assert!(after < 8 * 1024, "{after} KiB of translated code kept");
+    // Past the trim's grace period, so that the execs count as activity.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // The container is untouched: running, its files there, exec and stop work.
+    assert_eq!(d.ok(&["exec", id, "cat", "/tmp/f"]), "kept\n");
+    assert_eq!(d.ok(&["exec", id, "sh", "-c", "echo $((6*7))"]), "42\n");
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.State.Status}}", id]).trim(),
+        "running"
+    );
+    // Busy, then idle again: it is trimmed a second time.
+    assert!(
+        eventually(60, || d
+            .log()
+            .matches("idle VM gave back its translated code")
+            .count()
+            >= 2),
+        "no second trim: {}",
+        d.log()
+    );
+    assert_eq!(d.ok(&["exec", id, "cat", "/tmp/f"]), "kept\n");
+    // Paused containers are left alone and unpause as usual.
+    d.ok(&["pause", id]);
+    d.ok(&["unpause", id]);
+    d.ok(&["rm", "-f", id]);
+    assert!(!d.log().contains("could not release"), "{}", d.log());
+}

@@ -4,8 +4,9 @@
 //! process whose guest agent answers: the probe that chooses hardware
 //! virtualization (KVM) or software emulation (TCG), the [`Hypervisor`] trait
 //! and its QEMU driver, the fixed device layout every container VM gets, the
-//! initramfs that carries the agent, and the host end of the control channel
-//! ([`channel`]).
+//! initramfs that carries the agent, the host end of the control channel
+//! ([`channel`]), and under software emulation the release of an idle VM's
+//! translated code ([`jit`]).
 //!
 //! It must not know about Docker, images or container state: it is handed
 //! disk paths and sizes and returns processes and channels. VM processes are
@@ -14,6 +15,7 @@
 
 pub mod channel;
 pub mod initrd;
+pub mod jit;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
@@ -42,6 +44,9 @@ pub enum VmError {
     /// The control channel broke or the agent misbehaved.
     #[error("agent channel: {0}")]
     Channel(String),
+    /// Flushing or releasing a VM's translated code failed.
+    #[error("translated code: {0}")]
+    Jit(String),
 }
 
 impl VmError {

@@ -118,8 +118,9 @@ impl Qemu {
         let accel = match self.accel {
             Accel::Kvm => "kvm".to_string(),
             // A bounded translation cache: each VM's translated code is private
-            // memory, and an idle container needs little of it.
-            Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
+            // memory, and an idle container needs little of it. split-wx puts
+            // the cache in a memfd, whose pages can be released (see `jit`).
+            Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB},split-wx=on"),
         };
         push(&["-accel", &accel, "-cpu", cpu]);
         push(&[
@@ -215,6 +216,13 @@ impl Qemu {
             "-qmp",
             &format!("unix:{},server=on,wait=off", run(QMP_SOCKET)),
         ]);
+        if self.accel == Accel::Tcg {
+            // How the translation cache is flushed from outside (`jit`).
+            push(&[
+                "-gdb",
+                &format!("unix:{},server=on,wait=off", run(crate::jit::GDB_SOCKET)),
+            ]);
+        }
         push(&["-pidfile", &run(PID_FILE)]);
         if matches!(spec.boot, Boot::Clone { .. }) {
             push(&["-incoming", "defer"]);
@@ -604,7 +612,22 @@ mod tests {
         assert_eq!(devices(&a), devices(&b));
         assert!(a.contains(&"vessel-abc".to_string()));
         assert!(a.join(" ").contains("-m 256M -smp 2"));
-        assert!(a.join(" ").contains("-accel tcg,tb-size=32 -cpu max"));
+        assert!(a
+            .join(" ")
+            .contains("-accel tcg,tb-size=32,split-wx=on -cpu max"));
+        assert!(a
+            .join(" ")
+            .contains("-gdb unix:/run/x/gdb.sock,server=on,wait=off"));
+        let kvm = Qemu {
+            accel: Accel::Kvm,
+            ..q.clone()
+        };
+        let k = kvm.args(&spec(), &[3, 4, 5]).join(" ");
+        assert!(k.contains("-accel kvm -cpu host"), "{k}");
+        assert!(
+            !k.contains("-gdb"),
+            "no translated code to flush under KVM: {k}"
+        );
         // A clone has the same devices as a cold boot and as its template.
         let mut clone = spec();
         clone.boot = Boot::Clone {

@@ -1,0 +1,193 @@
+//! Idle containers give back their VM's translated code (software
+//! emulation only; see `vessel_vm::jit` for how).
+//!
+//! Every few seconds the host CPU time of each running container's VM
+//! process is sampled. A VM that used less than [`IDLE_SHARE`] of a CPU
+//! for the whole `--tcg-trim-after` span is trimmed once; it is trimmed
+//! again only after it has been busy and then idle that long again. The
+//! cost of a trim is paid when the container wakes: the code it runs is
+//! translated anew (a `docker exec` into a trimmed container takes longer
+//! the first time).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::{blocking, Engine, Handle};
+
+/// A VM using less than this share of one host CPU counts as idle (an idle
+/// guest with its tick stopped uses about 0.2%).
+pub(crate) const IDLE_SHARE: f64 = 0.01;
+
+/// How long a trim waits for an idle guest's next instruction (it is
+/// nudged meanwhile).
+const STEP_TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Sample {
+    pid: u32,
+    ticks: u64,
+    at: Instant,
+    idle_since: Instant,
+    trimmed: bool,
+    /// Until then the VM's CPU time is not judged: right after a trim it
+    /// translates its idle loop and interrupt handlers again.
+    grace_until: Instant,
+}
+
+/// User plus system CPU time of process `pid` (all its threads), in clock
+/// ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf takes a constant and reads no memory.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Whether `ticks` of CPU time over `span` is more than an idle VM uses.
+fn busy(ticks: u64, span: Duration, per_second: f64) -> bool {
+    ticks as f64 / per_second > span.as_secs_f64() * IDLE_SHARE
+}
+
+/// Watches the running containers and trims those idle for `after`.
+pub(crate) async fn run(engine: Engine, after: Duration) {
+    let period = (after / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let per_second = ticks_per_second();
+    let mut samples: HashMap<String, Sample> = HashMap::new();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut live = HashSet::new();
+        for h in engine.handles() {
+            let rec = h.rec();
+            let Some(pid) = rec.state.pid.filter(|_| rec.running() && !rec.state.paused) else {
+                continue;
+            };
+            let Some(ticks) = cpu_ticks(pid) else {
+                continue;
+            };
+            live.insert(rec.id.clone());
+            let now = Instant::now();
+            let s = samples.entry(rec.id.clone()).or_insert(Sample {
+                pid,
+                ticks,
+                at: now,
+                idle_since: now,
+                trimmed: false,
+                grace_until: now,
+            });
+            if s.pid != pid {
+                // Restarted: a new VM.
+                *s = Sample {
+                    pid,
+                    ticks,
+                    at: now,
+                    idle_since: now,
+                    trimmed: false,
+                    grace_until: now,
+                };
+                continue;
+            }
+            let used = ticks.saturating_sub(s.ticks);
+            let span = now - s.at;
+            s.ticks = ticks;
+            s.at = now;
+            if now >= s.grace_until && busy(used, span, per_second) {
+                s.idle_since = now;
+                s.trimmed = false;
+                continue;
+            }
+            if s.trimmed || now - s.idle_since < after {
+                continue;
+            }
+            s.trimmed = true;
+            trim(&engine, &h, pid).await;
+            s.grace_until = Instant::now() + 2 * period;
+            s.ticks = cpu_ticks(pid).unwrap_or(s.ticks);
+            s.at = Instant::now();
+        }
+        samples.retain(|id, _| live.contains(id));
+    }
+}
+
+async fn trim(engine: &Engine, h: &Arc<Handle>, pid: u32) {
+    // Something is being done to the container (pause, stop, a copy): it
+    // is not idle, and pause must not race with the trim's stop and resume.
+    let Ok(_op) = h.op.try_lock() else {
+        return;
+    };
+    let rec = h.rec();
+    if !rec.running() || rec.state.paused || rec.state.pid != Some(pid) {
+        return;
+    }
+    let dir = engine.run_dir(&rec.id);
+    let short = rec.id[..12.min(rec.id.len())].to_string();
+    // An idle guest may not take an interrupt for seconds, and the trim's
+    // single step waits for one: a question to its agent (a `docker stats`
+    // sample) brings one.
+    let nudge = {
+        let (engine, h) = (engine.clone(), h.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let _ = engine.guest_stats(&h).await;
+            }
+        })
+    };
+    let result = blocking(move || vessel_vm::jit::trim(&dir, pid, STEP_TIMEOUT)).await;
+    nudge.abort();
+    match result {
+        Ok(Ok(t)) => info!(
+            container = %short,
+            code_kib = t.code_bytes / 1024,
+            released_kib = t.released_bytes / 1024,
+            stopped_ms = t.stopped.as_millis() as u64,
+            "idle VM gave back its translated code"
+        ),
+        Ok(Err(e)) => {
+            if vessel_vm::vm_alive(pid, rec.vm_name()) {
+                warn!(container = %short, "could not release an idle VM's translated code: {e}");
+            }
+        }
+        Err(e) => warn!(container = %short, "translated code release: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_is_under_one_percent_of_a_cpu() {
+        let ten = Duration::from_secs(10);
+        assert!(!busy(2, ten, 100.0), "an idle guest: 2 ticks in 10 s");
+        assert!(!busy(10, ten, 100.0));
+        assert!(busy(11, ten, 100.0));
+        assert!(busy(100, Duration::from_secs(1), 100.0));
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_read() {
+        let me = std::process::id();
+        let start = cpu_ticks(me).expect("own stat");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(x > 0);
+        assert!(cpu_ticks(me).expect("own stat") > start);
+        assert_eq!(cpu_ticks(u32::MAX / 2), None);
+    }
+}
