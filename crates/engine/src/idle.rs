@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::stats::cpu_ns;
 use crate::{blocking, Engine, Handle};
 
 /// A VM using less than this share of one host CPU counts as idle (an idle
@@ -27,7 +28,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct Sample {
     pid: u32,
-    ticks: u64,
+    cpu_ns: u64,
     at: Instant,
     idle_since: Instant,
     trimmed: bool,
@@ -36,33 +37,27 @@ struct Sample {
     grace_until: Instant,
 }
 
-/// User plus system CPU time of process `pid` (all its threads), in clock
-/// ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf takes a constant and reads no memory.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
+impl Sample {
+    fn new(pid: u32, cpu_ns: u64, now: Instant) -> Self {
+        Self {
+            pid,
+            cpu_ns,
+            at: now,
+            idle_since: now,
+            trimmed: false,
+            grace_until: now,
+        }
     }
 }
 
-/// Whether `ticks` of CPU time over `span` is more than an idle VM uses.
-fn busy(ticks: u64, span: Duration, per_second: f64) -> bool {
-    ticks as f64 / per_second > span.as_secs_f64() * IDLE_SHARE
+/// Whether `cpu_ns` of CPU time over `span` is more than an idle VM uses.
+fn busy(cpu_ns: u64, span: Duration) -> bool {
+    cpu_ns as f64 / 1e9 > span.as_secs_f64() * IDLE_SHARE
 }
 
 /// Watches the running containers and trims those idle for `after`.
 pub(crate) async fn run(engine: Engine, after: Duration) {
     let period = (after / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
-    let per_second = ticks_per_second();
     let mut samples: HashMap<String, Sample> = HashMap::new();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -74,36 +69,24 @@ pub(crate) async fn run(engine: Engine, after: Duration) {
             let Some(pid) = rec.state.pid.filter(|_| rec.running() && !rec.state.paused) else {
                 continue;
             };
-            let Some(ticks) = cpu_ticks(pid) else {
+            let Some(total_ns) = cpu_ns(pid) else {
                 continue;
             };
             live.insert(rec.id.clone());
             let now = Instant::now();
-            let s = samples.entry(rec.id.clone()).or_insert(Sample {
-                pid,
-                ticks,
-                at: now,
-                idle_since: now,
-                trimmed: false,
-                grace_until: now,
-            });
+            let s = samples
+                .entry(rec.id.clone())
+                .or_insert_with(|| Sample::new(pid, total_ns, now));
             if s.pid != pid {
                 // Restarted: a new VM.
-                *s = Sample {
-                    pid,
-                    ticks,
-                    at: now,
-                    idle_since: now,
-                    trimmed: false,
-                    grace_until: now,
-                };
+                *s = Sample::new(pid, total_ns, now);
                 continue;
             }
-            let used = ticks.saturating_sub(s.ticks);
+            let used = total_ns.saturating_sub(s.cpu_ns);
             let span = now - s.at;
-            s.ticks = ticks;
+            s.cpu_ns = total_ns;
             s.at = now;
-            if now >= s.grace_until && busy(used, span, per_second) {
+            if now >= s.grace_until && busy(used, span) {
                 s.idle_since = now;
                 s.trimmed = false;
                 continue;
@@ -114,7 +97,7 @@ pub(crate) async fn run(engine: Engine, after: Duration) {
             s.trimmed = true;
             trim(&engine, &h, pid).await;
             s.grace_until = Instant::now() + 2 * period;
-            s.ticks = cpu_ticks(pid).unwrap_or(s.ticks);
+            s.cpu_ns = cpu_ns(pid).unwrap_or(s.cpu_ns);
             s.at = Instant::now();
         }
         samples.retain(|id, _| live.contains(id));
@@ -171,23 +154,23 @@ mod tests {
     #[test]
     fn idle_is_under_one_percent_of_a_cpu() {
         let ten = Duration::from_secs(10);
-        assert!(!busy(2, ten, 100.0), "an idle guest: 2 ticks in 10 s");
-        assert!(!busy(10, ten, 100.0));
-        assert!(busy(11, ten, 100.0));
-        assert!(busy(100, Duration::from_secs(1), 100.0));
+        assert!(!busy(20_000_000, ten), "an idle guest: 20 ms in 10 s");
+        assert!(!busy(100_000_000, ten));
+        assert!(busy(110_000_000, ten));
+        assert!(busy(1_000_000_000, Duration::from_secs(1)));
     }
 
     #[test]
     fn cpu_time_of_this_process_is_read() {
         let me = std::process::id();
-        let start = cpu_ticks(me).expect("own stat");
+        let start = cpu_ns(me).expect("own stat");
         let t = Instant::now();
         let mut x = 0u64;
         while t.elapsed() < Duration::from_millis(300) {
             x = x.wrapping_add(std::hint::black_box(1));
         }
         assert!(x > 0);
-        assert!(cpu_ticks(me).expect("own stat") > start);
-        assert_eq!(cpu_ticks(u32::MAX / 2), None);
+        assert!(cpu_ns(me).expect("own stat") > start);
+        assert_eq!(cpu_ns(u32::MAX / 2), None);
     }
 }

@@ -52,19 +52,20 @@ fn ticks_per_second() -> u64 {
     }
 }
 
+/// CPU time (user and system, all threads) of process `pid`, in
+/// nanoseconds; `None` when it cannot be read (the process ended).
+pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit(')').next()?.split_whitespace().collect::<Vec<_>>();
+    // Fields after the command: state is index 0, utime 11, stime 12.
+    let ticks = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 1_000_000_000 / ticks_per_second())
+}
+
 /// Reads process `pid` now; zeros for what cannot be read (the VM ended).
 pub fn sample(pid: u32) -> Sample {
     let hz = ticks_per_second();
-    let cpu_ns = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit(')').next()?.split_whitespace().collect::<Vec<_>>();
-            // Fields after the command: state is index 0, utime 11, stime 12.
-            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-        * 1_000_000_000
-        / hz;
+    let cpu_ns = cpu_ns(pid).unwrap_or(0);
     let system_ns = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| {
