@@ -13,7 +13,8 @@ Prints medians and the ratio Vessel / dockerd+runc for
     processes for dockerd), and how many such containers fit in host memory
   * N idle containers (`docker run -d busybox sleep 100000`) started in a row:
     time, total host memory, and the CPU they and the engine use while idle
-    (over 10 s)
+    (over 10 s); for Vessel under software emulation, measured again once
+    the daemon has given back every idle VM's translated code
   * cold boot versus template clone versus warm VM for Vessel alone.
 Usage: scripts/bench-startup.py [--runs 10] [--idle 100] [--no-dockerd]
 Needs scripts/setup.sh to have run; installs Debian's docker.io for the peer
@@ -88,6 +89,10 @@ def dockerd_container_pids(ids):
                 shim = int(line.split()[0])
                 pids += [shim] + descendants(shim)
     return pids
+
+
+# What a Vessel daemon logs when it gave back an idle VM's translated code.
+TRIMMED = "idle VM gave back its translated code"
 
 
 def med(xs):
@@ -192,23 +197,38 @@ def main():
         for e in [v, vc] + ([d] if d else []):
             ids = []
             daemon_before = pss_kib(e.proc.pid) if e is not d else 0
+            trims_before = open(e.log).read().count(TRIMMED) if e is not d else 0
             t0 = time.monotonic()
             for _ in range(a.idle):
                 ids.append(e.docker("run", "-d", *(net if e is d else []), "busybox", "sleep", "100000").stdout.strip())
             took = time.monotonic() - t0
             time.sleep(2)
             pids = dockerd_container_pids(ids) if e is d else vessel_container_pids(e, ids)
-            daemon = (pss_kib(e.proc.pid) - daemon_before) / 1024 if e is not d else 0
-            total = sum(pss_kib(p) for p in pids) / 1024 + daemon
-            each = total / a.idle
-            # Idle CPU: the containers' processes and the engine's daemons
-            # (dockerd and containerd for the peer).
-            daemons = [e.proc.pid] + (descendants(e.proc.pid) if e is d else [])
-            cpu = idle_cpu_percent(pids + [p for p in daemons if p not in pids])
-            extra = f" (daemon +{daemon:.1f} MiB)" if e is not d else ""
-            print(f"  {e.name:<12} {took:6.1f} s in all ({took / a.idle * 1000:5.0f} ms each); host memory (PSS) "
-                  f"{total:8.1f} MiB in all{extra}, {each:6.1f} MiB per idle container, "
-                  f"{avail / each:6.0f} would fit; idle CPU {cpu:5.1f}% of one core in all")
+
+            def report(label):
+                daemon = (pss_kib(e.proc.pid) - daemon_before) / 1024 if e is not d else 0
+                total = sum(pss_kib(p) for p in pids) / 1024 + daemon
+                each = total / a.idle
+                # Idle CPU: the containers' processes and the engine's daemons
+                # (dockerd and containerd for the peer).
+                daemons = [e.proc.pid] + (descendants(e.proc.pid) if e is d else [])
+                cpu = idle_cpu_percent(pids + [p for p in daemons if p not in pids])
+                extra = f" (daemon +{daemon:.1f} MiB)" if e is not d else ""
+                print(f"  {label:<22} host memory (PSS) {total:8.1f} MiB in all{extra}, {each:6.1f} MiB per idle "
+                      f"container, {avail / each:6.0f} would fit; idle CPU {cpu:5.1f}% of one core in all")
+
+            print(f"  {e.name:<12} {took:6.1f} s in all ({took / a.idle * 1000:5.0f} ms each)")
+            report("  just started")
+            if e is not d and "(tcg" in open(e.log).read():
+                # Under software emulation the daemon gives back an idle
+                # VM's translated code after --tcg-trim-after (30 s by
+                # default): wait for every container's trim.
+                t1 = time.monotonic()
+                while open(e.log).read().count(TRIMMED) - trims_before < a.idle and time.monotonic() - t1 < 120 + a.idle:
+                    time.sleep(1)
+                done = open(e.log).read().count(TRIMMED) - trims_before
+                time.sleep(2)
+                report(f"  idle, {done} trimmed")
             for chunk in range(0, len(ids), 50):
                 e.docker("rm", "-f", *ids[chunk:chunk + 50], check=False)
         print(f"  host memory {avail / 1024:.1f} GiB")

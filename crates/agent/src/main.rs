@@ -145,9 +145,12 @@ fn main() {
                 Ok(None) => break,
                 Err(e) => {
                     // The stream is corrupt: wait for the host to resync.
+                    // The host may already have: when the VM was stopped
+                    // while the host end closed and opened again, the next
+                    // connection's bytes follow the old ones with no end
+                    // of connection read in between.
                     log!("bad frame ({e}); resynchronising");
-                    decoder.resync(SYNC_MAGIC.to_vec());
-                    break;
+                    decoder.resync_buffered(SYNC_MAGIC.to_vec());
                 }
             }
         }

@@ -1049,6 +1049,24 @@ impl Engine {
         .map_err(|e| internal(command, e))
     }
 
+    /// The VM's run state as QMP `query-status` names it ("running",
+    /// "paused", "debug", ...).
+    async fn vm_status(&self, id: &str) -> Result<String, EngineError> {
+        let sock = self.run_dir(id).join(vessel_vm::qemu::QMP_SOCKET);
+        blocking(move || {
+            let mut q = vessel_vm::qmp::Qmp::connect(&sock, Duration::from_secs(5))?;
+            let v = q.execute("query-status", serde_json::json!({}))?;
+            Ok::<_, vessel_vm::VmError>(
+                v.get("status")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .await?
+        .map_err(|e| internal("query-status", e))
+    }
+
     /// `docker pause`: freezes the whole VM.
     pub async fn pause(&self, name_or_id: &str) -> Result<(), EngineError> {
         let h = self.lookup(name_or_id)?;
@@ -2798,8 +2816,36 @@ impl Engine {
         if let (true, Some(pid)) = (alive, pid) {
             // Its taps go when it ends, as if this daemon had spawned it.
             vessel_vm::tap::remove_after_exit(Some(pid), rec.taps.clone());
+            // A stopped VM cannot answer its agent's handshake. It is
+            // stopped because it is paused, or because this daemon ended
+            // while it had the VM stopped to release its translated code;
+            // either way it runs for the handshake, and a paused one is
+            // stopped again after it.
+            let stopped = match self.vm_status(&id).await {
+                Ok(status) => status != "running",
+                Err(e) => {
+                    warn!(%id, "cannot ask a running VM for its state: {e}");
+                    false
+                }
+            };
+            if stopped {
+                if !rec.state.paused {
+                    warn!(%id, "the container's VM was left stopped; resuming it");
+                }
+                if let Err(e) = self.qmp(&id, "cont").await {
+                    warn!(%id, "cannot resume a stopped VM: {e}");
+                }
+            }
             let sock = self.run_dir(&id).join(vessel_vm::qemu::CONTROL_SOCKET);
-            match connect(&Transport::VirtioSerial(sock), Duration::from_secs(10)).await {
+            let answer = connect(&Transport::VirtioSerial(sock), Duration::from_secs(10)).await;
+            if rec.state.paused && answer.is_ok() {
+                if let Err(e) = self.qmp(&id, "stop").await {
+                    warn!(%id, "cannot pause the reattached VM again: {e}");
+                    let rec = h.update(|r| r.state.paused = false);
+                    let _ = self.persist(&rec);
+                }
+            }
+            match answer {
                 Ok((reader, writer, GuestMsg::State { process, .. })) => {
                     // An exit the agent reported while nobody listened is
                     // delivered from the state it answers with.

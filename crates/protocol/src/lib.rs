@@ -732,6 +732,15 @@ impl Decoder {
         self.expect = Some(marker);
     }
 
+    /// Waits for `marker` like [`Decoder::resync`], but searches the bytes
+    /// already buffered too. For a corrupt frame: its "header" may be the
+    /// marker of a new connection that came before the receiver noticed
+    /// the old one close (both happen while a VM is stopped).
+    pub fn resync_buffered(&mut self, marker: Vec<u8>) {
+        self.expect = Some(marker);
+        self.push(&[]);
+    }
+
     /// Whether the decoder still waits for its sync marker.
     pub fn syncing(&self) -> bool {
         self.expect.is_some()
@@ -812,6 +821,31 @@ mod tests {
                 payload: b"hello".to_vec()
             }
         );
+    }
+
+    #[test]
+    fn a_new_connection_behind_a_bad_frame_is_found() {
+        // No end-of-connection was seen: the decoder is in frame mode when
+        // the next connection's marker and Hello arrive.
+        let hello = HostMsg::Hello {
+            nonce: "00".repeat(16),
+        };
+        let mut bytes = SYNC_MAGIC.to_vec();
+        bytes.extend(encode_host(&hello).expect("encode"));
+        let mut d = Decoder::new();
+        d.push(&bytes);
+        assert!(matches!(d.next_frame(), Err(ProtocolError::BadLength(_))));
+        d.resync_buffered(SYNC_MAGIC.to_vec());
+        let f = d.next_frame().expect("decode").expect("the Hello frame");
+        assert_eq!(decode_host(&f.payload).expect("msg"), hello);
+        // Garbage without a marker is dropped, keeping only a possible
+        // start of one.
+        d.push(b"garbage bytes, no marker VSL");
+        assert!(d.next_frame().is_err());
+        d.resync_buffered(SYNC_MAGIC.to_vec());
+        assert!(d.syncing());
+        d.push(b"SYNC1");
+        assert!(!d.syncing());
     }
 
     #[test]

@@ -713,6 +713,34 @@ fn bad_input_gets_dockers_answers() {
 }
 
 #[test]
+fn a_paused_or_stopped_vm_is_reattached_after_a_daemon_restart() {
+    let mut d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    let paused = d.ok(&["run", "-d", "busybox", "sleep", "100000"]);
+    let stopped = d.ok(&["run", "-d", "busybox", "sleep", "100000"]);
+    let (paused, stopped) = (paused.trim(), stopped.trim());
+    d.ok(&["pause", paused]);
+    d.kill9();
+    // The daemon ended while it had this VM stopped (as a translated-code
+    // release cut short leaves it).
+    let answer = d.qmp(stopped, "stop");
+    assert!(answer.contains("return"), "{answer}");
+    d.restart();
+    let state = |id: &str| d.ok(&["inspect", "-f", "{{.State.Status}}", id]);
+    assert_eq!(state(paused).trim(), "paused", "{}", d.log());
+    assert_eq!(state(stopped).trim(), "running");
+    assert!(d.qmp(paused, "query-status").contains("\"paused\""));
+    assert!(d.qmp(stopped, "query-status").contains("\"running\""));
+    assert_eq!(d.ok(&["exec", stopped, "echo", "hi"]), "hi\n");
+    let out = d.docker(&["exec", paused, "true"]);
+    assert!(stderr(&out).contains("is paused"), "{}", stderr(&out));
+    d.ok(&["unpause", paused]);
+    assert_eq!(d.ok(&["exec", paused, "echo", "hi"]), "hi\n");
+    assert!(d.log().contains("was left stopped; resuming it"), "{}", d.log());
+    d.ok(&["rm", "-f", paused, stopped]);
+}
+
+#[test]
 fn daemon_restart_keeps_containers_running() {
     let mut d = Daemon::start();
     d.load_busybox(&["busybox:latest"]);

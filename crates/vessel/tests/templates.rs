@@ -323,6 +323,9 @@ fn an_idle_container_gives_back_its_translated_code_and_keeps_working() {
     let id = id.trim();
     let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", id]);
     let pid = pid.trim();
+    // Started moments ago: not idle long enough to have been trimmed.
+    let before = translated_code_kib(pid);
+    assert!(before > 8 * 1024, "only {before} KiB of translated code");
     assert!(
         eventually(60, || d
             .log()

@@ -56,6 +56,33 @@ impl Daemon {
         self.dir.path().join("data")
     }
 
+    /// Sends one QMP command to the VM of container `id` (full id) behind
+    /// the daemon's back, as something outside it would, and returns
+    /// QEMU's answer line.
+    pub fn qmp(&self, id: &str, command: &str) -> String {
+        let sock = self.data_root().join("vm").join(&id[..12]).join("qmp.sock");
+        let mut s = UnixStream::connect(&sock).expect("connect to the VM's QMP socket");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut lines = std::io::BufReader::new(s.try_clone().expect("clone"));
+        let mut line = String::new();
+        let mut next = |line: &mut String| {
+            line.clear();
+            std::io::BufRead::read_line(&mut lines, line).expect("QMP answer");
+        };
+        next(&mut line); // greeting
+        for cmd in ["qmp_capabilities", command] {
+            writeln!(s, "{{\"execute\":\"{cmd}\"}}").expect("QMP command");
+            // Skip asynchronous events.
+            loop {
+                next(&mut line);
+                if !line.contains("\"event\"") {
+                    break;
+                }
+            }
+        }
+        line
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -514,7 +541,6 @@ pub fn docker_save(images: &[ImageSpec<'_>]) -> Vec<u8> {
     out.into_inner().expect("archive")
 }
 
-/// Polls `f` until it returns true or `secs` pass.
 /// Now, in unix seconds (for `docker events --since/--until`).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -523,6 +549,7 @@ pub fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// Polls `f` until it returns true or `secs` pass.
 pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
