@@ -136,7 +136,16 @@ pub fn name_slots() -> io::Result<()> {
         rename(&sock, name, &format!("vslot{slot}"))?;
     }
     for (slot, _) in &found {
-        rename(&sock, &format!("vslot{slot}"), &format!("eth{slot}"))?;
+        let name = format!("eth{slot}");
+        rename(&sock, &format!("vslot{slot}"), &name)?;
+        // Vessel's networks are IPv4-only, and Docker disables IPv6 on the
+        // interfaces of such networks (no link-local address, no router
+        // solicitations: CVE-2024-32473). `lo` keeps `::1`, as in Docker.
+        let knob = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        if std::path::Path::new(&knob).exists() {
+            std::fs::write(&knob, "1")
+                .map_err(|e| io::Error::new(e.kind(), format!("disable IPv6 on {name}: {e}")))?;
+        }
     }
     Ok(())
 }

@@ -736,7 +736,11 @@ fn a_paused_or_stopped_vm_is_reattached_after_a_daemon_restart() {
     assert!(stderr(&out).contains("is paused"), "{}", stderr(&out));
     d.ok(&["unpause", paused]);
     assert_eq!(d.ok(&["exec", paused, "echo", "hi"]), "hi\n");
-    assert!(d.log().contains("was left stopped; resuming it"), "{}", d.log());
+    assert!(
+        d.log().contains("was left stopped; resuming it"),
+        "{}",
+        d.log()
+    );
     d.ok(&["rm", "-f", paused, stopped]);
 }
 

@@ -1104,3 +1104,27 @@ fn bridge_options_internal_routes_hosts_dns_upstreams_and_events() {
     d.ok(&["network", "rm", "quiet"]);
     drop(upstream);
 }
+
+#[test]
+fn container_interfaces_have_no_ipv6_as_on_ipv4_only_docker_networks() {
+    let d = Daemon::start();
+    d.load_busybox(&["busybox:latest"]);
+    d.ok(&["network", "create", "v4only"]);
+    d.ok(&[
+        "create",
+        "--name",
+        "two",
+        "busybox",
+        "sh",
+        "-c",
+        "for i in eth0 eth1; do cat /proc/sys/net/ipv6/conf/$i/disable_ipv6; done; ip -6 addr show",
+    ]);
+    d.ok(&["network", "connect", "v4only", "two"]);
+    let out = d.ok(&["start", "-a", "two"]);
+    // Both interfaces have IPv6 off and no link-local address; `lo`
+    // keeps `::1`.
+    assert!(out.starts_with("1\n1\n"), "{out}");
+    assert!(!out.contains("fe80"), "{out}");
+    assert!(out.contains("::1"), "{out}");
+    d.ok(&["rm", "two"]);
+}

@@ -62,7 +62,8 @@ impl Daemon {
     pub fn qmp(&self, id: &str, command: &str) -> String {
         let sock = self.data_root().join("vm").join(&id[..12]).join("qmp.sock");
         let mut s = UnixStream::connect(&sock).expect("connect to the VM's QMP socket");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let mut lines = std::io::BufReader::new(s.try_clone().expect("clone"));
         let mut line = String::new();
         let mut next = |line: &mut String| {
