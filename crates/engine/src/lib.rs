@@ -1039,11 +1039,13 @@ impl Engine {
         (removed, space)
     }
 
-    async fn qmp(&self, id: &str, command: &'static str) -> Result<(), EngineError> {
+    /// Sends one argument-less QMP command to the container's VM and
+    /// returns QEMU's answer.
+    async fn qmp(&self, id: &str, command: &'static str) -> Result<serde_json::Value, EngineError> {
         let sock = self.run_dir(id).join(vessel_vm::qemu::QMP_SOCKET);
         blocking(move || {
             let mut q = vessel_vm::qmp::Qmp::connect(&sock, Duration::from_secs(5))?;
-            q.execute(command, serde_json::json!({})).map(|_| ())
+            q.execute(command, serde_json::json!({}))
         })
         .await?
         .map_err(|e| internal(command, e))
@@ -1052,19 +1054,11 @@ impl Engine {
     /// The VM's run state as QMP `query-status` names it ("running",
     /// "paused", "debug", ...).
     async fn vm_status(&self, id: &str) -> Result<String, EngineError> {
-        let sock = self.run_dir(id).join(vessel_vm::qemu::QMP_SOCKET);
-        blocking(move || {
-            let mut q = vessel_vm::qmp::Qmp::connect(&sock, Duration::from_secs(5))?;
-            let v = q.execute("query-status", serde_json::json!({}))?;
-            Ok::<_, vessel_vm::VmError>(
-                v.get("status")
-                    .and_then(|s| s.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        })
-        .await?
-        .map_err(|e| internal("query-status", e))
+        let v = self.qmp(id, "query-status").await?;
+        v.get("status")
+            .and_then(|s| s.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| internal("query-status", format!("no status in {v}")))
     }
 
     /// `docker pause`: freezes the whole VM.
