@@ -16,6 +16,13 @@
 //!
 //! Each tap carries the alias `vessel-tap:<owner>`, so that taps left behind
 //! by a daemon that died are found again ([`owned`]).
+//!
+//! Making and deleting taps both attach a descriptor for a moment, and a
+//! VM that starts again (a restarted container, the next copy VM of a
+//! stopped one) reuses its taps' names while the reaper may still be
+//! deleting the previous VM's. One lock ([`NAMES`]) keeps the two apart:
+//! either the old tap is gone before the new VM makes it again, or the new
+//! VM holds it and the reaper leaves it alone.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Mutex, OnceLock};
@@ -69,6 +76,13 @@ fn set_persist(file: &std::fs::File, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Held while a tap is attached to make or delete it (see the module doc).
+static NAMES: Mutex<()> = Mutex::new(());
+
+fn names_lock() -> std::sync::MutexGuard<'static, ()> {
+    NAMES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
 }
@@ -79,6 +93,7 @@ fn exists(name: &str) -> bool {
 pub fn open(names: &[String], owner: &str) -> Result<Vec<OwnedFd>, VmError> {
     let marker = alias(owner);
     let mut fds = Vec::with_capacity(names.len());
+    let guard = names_lock();
     for name in names {
         let made = attach(name)
             .and_then(|f| set_persist(&f, true).map(|()| f))
@@ -93,6 +108,7 @@ pub fn open(names: &[String], owner: &str) -> Result<Vec<OwnedFd>, VmError> {
             Ok(f) => fds.push(OwnedFd::from(f)),
             Err(e) => {
                 drop(fds);
+                drop(guard);
                 remove(names);
                 return Err(e);
             }
@@ -104,6 +120,7 @@ pub fn open(names: &[String], owner: &str) -> Result<Vec<OwnedFd>, VmError> {
 /// Deletes taps `names` now; missing ones are skipped. A tap a running VM
 /// holds cannot be attached to and stays: whoever ends that VM deletes it.
 pub fn remove(names: &[String]) {
+    let _guard = names_lock();
     for name in names.iter().filter(|n| exists(n)) {
         // Closing the only descriptor of a non-persistent tap unregisters it.
         match attach(name).and_then(|f| set_persist(&f, false)) {
