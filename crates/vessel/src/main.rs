@@ -70,9 +70,12 @@ struct DaemonArgs {
         default_value = "/usr/local/lib/vessel"
     )]
     guest_dir: PathBuf,
-    /// QEMU system emulator.
-    #[arg(long = "qemu", default_value = "qemu-system-x86_64")]
-    qemu: PathBuf,
+    /// QEMU system emulator: a path, or a name looked up in PATH. Default:
+    /// `qemu-system-x86_64` in --guest-dir, Vessel's own build of QEMU
+    /// (`scripts/build-qemu.sh`), which costs each VM less host memory than
+    /// a distribution's; Debian's `qemu-system-x86_64` works too.
+    #[arg(long = "qemu")]
+    qemu: Option<PathBuf>,
     /// Memory of a container VM that sets no --memory, in MiB.
     #[arg(long = "default-memory", default_value_t = DEFAULT_MEMORY_MIB)]
     default_memory: u64,
@@ -185,7 +188,10 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         data_root: data_root.clone(),
         kernel: args.guest_dir.join("vmlinux"),
         agent: args.guest_dir.join("vessel-init"),
-        qemu: find_in_path(&args.qemu),
+        qemu: match &args.qemu {
+            Some(q) => find_in_path(q),
+            None => args.guest_dir.join("qemu-system-x86_64"),
+        },
         default_memory_mib: args.default_memory,
         default_vcpus: args.default_cpus.max(1),
         templates: args.vm_templates,

@@ -62,12 +62,22 @@ impl Qemu {
             .arg("--version")
             .output()
             .map_err(|e| VmError::io(format!("run {} --version", binary.display()), e))?;
+        // The whole version, with the build's package version in brackets
+        // ("7.2.22 (vessel 3cb7…)", "7.2.22 (Debian 1:7.2+dfsg-7…)"): two
+        // builds of one QEMU release save device state differently, and
+        // templates are keyed by this string.
         let version = String::from_utf8_lossy(&out.stdout)
             .lines()
             .next()
-            .and_then(|l| l.split("version ").nth(1))
-            .map(|v| v.split_whitespace().next().unwrap_or(v).to_string())
-            .unwrap_or_else(|| "unknown".into());
+            .and_then(|l| l.split_once("version ").map(|(_, v)| v.trim().to_string()))
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                VmError::Spawn(format!(
+                    "{} --version printed no version: {}",
+                    binary.display(),
+                    String::from_utf8_lossy(&out.stdout).trim()
+                ))
+            })?;
         let (cmdline, tsc_khz) = kernel_cmdline(accel);
         Ok(Self {
             binary,

@@ -14,8 +14,10 @@ pub fn guest_dir() -> PathBuf {
         std::env::var("VESSEL_GUEST_DIR").unwrap_or_else(|_| "/usr/local/lib/vessel".into()),
     );
     assert!(
-        dir.join("vmlinux").exists() && dir.join("vessel-init").exists(),
-        "guest kernel and agent missing in {}: run scripts/setup.sh",
+        dir.join("vmlinux").exists()
+            && dir.join("vessel-init").exists()
+            && dir.join("qemu-system-x86_64").exists(),
+        "guest kernel, agent or QEMU missing in {}: run scripts/setup.sh",
         dir.display()
     );
     dir
