@@ -23,9 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
-from benchlib import Engine  # noqa: E402
-
-TRIMMED = "idle VM gave back its translated code"
+from benchlib import TRIMMED, busybox_image, vessel_engine, wait_for_templates  # noqa: E402
 
 
 def by_mapping(pid):
@@ -64,18 +62,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="vidle", dir="/tmp")
     engines = []
     try:
-        image = os.path.join(tmp, "bb.tar")
-        subprocess.run([sys.executable, os.path.join(HERE, "scripts/make-busybox-image.py"), image], check=True)
-        vessel = os.path.join(HERE, "target/release/vessel")
+        image = busybox_image(tmp)
         for i, q in enumerate(qemus):
-            e = Engine(f"vessel{i}", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/{i}.sock", "--data-root",
-                                           f"{tmp}/{i}", "--qemu", q], f"{tmp}/{i}.sock")
+            e = vessel_engine(f"vessel{i}", tmp, "--qemu", q)
             engines.append(e)
             e.docker("load", "-q", "-i", image)
-        for _ in range(900):
-            if all("VM template ready" in open(e.log).read() for e in engines):
-                break
-            time.sleep(0.2)
+        wait_for_templates(engines)
         ids = {}
         for e in engines:
             e.docker("run", "--rm", "busybox", "true")  # boot disk, warm VM

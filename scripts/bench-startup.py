@@ -32,7 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
-from benchlib import Engine  # noqa: E402
+from benchlib import TRIMMED, Engine, busybox_image, vessel_engine, wait_for_templates  # noqa: E402
 
 
 def pss_kib(pid):
@@ -91,10 +91,6 @@ def dockerd_container_pids(ids):
     return pids
 
 
-# What a Vessel daemon logs when it gave back an idle VM's translated code.
-TRIMMED = "idle VM gave back its translated code"
-
-
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -108,16 +104,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="vstart", dir="/tmp")
     engines = []
     try:
-        image = os.path.join(tmp, "bb.tar")
-        subprocess.run([sys.executable, os.path.join(HERE, "scripts/make-busybox-image.py"), image], check=True)
-        vessel = os.path.join(HERE, "target/release/vessel")
-        v = Engine("vessel", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/v.sock", "--data-root", f"{tmp}/v"], f"{tmp}/v.sock")
+        image = busybox_image(tmp)
+        v = vessel_engine("vessel", tmp)
         engines.append(v)
-        vc = Engine("vessel-clone", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/vc.sock", "--data-root", f"{tmp}/vc",
-                                          "--warm-vms", "0"], f"{tmp}/vc.sock")
+        vc = vessel_engine("vessel-clone", tmp, "--warm-vms", "0")
         engines.append(vc)
-        cold = Engine("vessel-cold", tmp, [vessel, "daemon", "-H", f"unix://{tmp}/c.sock", "--data-root", f"{tmp}/c",
-                                           "--vm-templates=false"], f"{tmp}/c.sock")
+        cold = vessel_engine("vessel-cold", tmp, "--vm-templates=false")
         engines.append(cold)
         d = None
         if not a.no_dockerd and not shutil.which("dockerd"):
@@ -134,10 +126,7 @@ def main():
             engines.append(d)
         for e in engines:
             e.docker("load", "-q", "-i", image)
-        for _ in range(600):
-            if all("VM template ready" in open(x.log).read() for x in (v, vc)):
-                break
-            time.sleep(0.2)
+        wait_for_templates([v, vc], seconds=120)
         net = ["--network", "none"]
         for e in engines:  # warm-up: boot disks, page cache
             e.docker("run", "--rm", *(net if e is d else []), "busybox", "true")

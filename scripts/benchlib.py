@@ -5,7 +5,39 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+
+
+# What a Vessel daemon logs when it gave back an idle VM's translated code.
+TRIMMED = "idle VM gave back its translated code"
+
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def busybox_image(tmp):
+    """Makes the busybox test image (a docker-save archive) in `tmp`."""
+    image = os.path.join(tmp, "bb.tar")
+    subprocess.run([sys.executable, os.path.join(HERE, "scripts/make-busybox-image.py"), image], check=True)
+    return image
+
+
+def vessel_engine(name, tmp, *flags):
+    """A release Vessel daemon on its own socket and data root in `tmp`."""
+    sock = f"{tmp}/{name}.sock"
+    cmd = [os.path.join(HERE, "target/release/vessel"), "daemon", "-H", f"unix://{sock}",
+           "--data-root", f"{tmp}/{name}", *flags]
+    return Engine(name, tmp, cmd, sock)
+
+
+def wait_for_templates(engines, seconds=180):
+    """Waits until every Vessel daemon in `engines` has its VM template."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all("VM template ready" in open(e.log).read() for e in engines):
+            return
+        time.sleep(0.2)
 
 
 class Engine:

@@ -20,12 +20,13 @@
 //! Making and deleting taps both attach a descriptor for a moment, and a
 //! VM that starts again (a restarted container, the next copy VM of a
 //! stopped one) reuses its taps' names while the reaper may still be
-//! deleting the previous VM's. One lock ([`NAMES`]) keeps the two apart:
-//! either the old tap is gone before the new VM makes it again, or the new
-//! VM holds it and the reaper leaves it alone.
+//! deleting the previous VM's. A claim on the names ([`Claim`]) keeps the
+//! two apart: either the old tap is gone before the new VM makes it again,
+//! or the new VM holds it and the reaper leaves it alone. Taps of other
+//! names are made and deleted meanwhile (deleting one takes ~20 ms).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::VmError;
 
@@ -76,11 +77,32 @@ fn set_persist(file: &std::fs::File, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Held while a tap is attached to make or delete it (see the module doc).
-static NAMES: Mutex<()> = Mutex::new(());
+/// Tap names being made or deleted now, and the signal that one set was
+/// let go (see the module doc).
+static CLAIMED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static RELEASED: Condvar = Condvar::new();
 
-fn names_lock() -> std::sync::MutexGuard<'static, ()> {
-    NAMES.lock().unwrap_or_else(|p| p.into_inner())
+/// Names claimed for making or deleting their taps; let go on drop.
+struct Claim(Vec<String>);
+
+impl Claim {
+    /// Waits until no other claim holds any of `names`, then claims them all.
+    fn new(names: &[String]) -> Self {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+        while names.iter().any(|n| claimed.contains(n)) {
+            claimed = RELEASED.wait(claimed).unwrap_or_else(|p| p.into_inner());
+        }
+        claimed.extend(names.iter().cloned());
+        Self(names.to_vec())
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+        claimed.retain(|n| !self.0.contains(n));
+        RELEASED.notify_all();
+    }
 }
 
 fn exists(name: &str) -> bool {
@@ -93,7 +115,7 @@ fn exists(name: &str) -> bool {
 pub fn open(names: &[String], owner: &str) -> Result<Vec<OwnedFd>, VmError> {
     let marker = alias(owner);
     let mut fds = Vec::with_capacity(names.len());
-    let guard = names_lock();
+    let claim = Claim::new(names);
     for name in names {
         let made = attach(name)
             .and_then(|f| set_persist(&f, true).map(|()| f))
@@ -108,7 +130,7 @@ pub fn open(names: &[String], owner: &str) -> Result<Vec<OwnedFd>, VmError> {
             Ok(f) => fds.push(OwnedFd::from(f)),
             Err(e) => {
                 drop(fds);
-                drop(guard);
+                drop(claim);
                 remove(names);
                 return Err(e);
             }
@@ -120,7 +142,7 @@ pub fn open(names: &[String], owner: &str) -> Result<Vec<OwnedFd>, VmError> {
 /// Deletes taps `names` now; missing ones are skipped. A tap a running VM
 /// holds cannot be attached to and stays: whoever ends that VM deletes it.
 pub fn remove(names: &[String]) {
-    let _guard = names_lock();
+    let _claim = Claim::new(names);
     for name in names.iter().filter(|n| exists(n)) {
         // Closing the only descriptor of a non-persistent tap unregisters it.
         match attach(name).and_then(|f| set_persist(&f, false)) {
@@ -276,6 +298,28 @@ mod tests {
         // SAFETY: geteuid has no preconditions.
         let uid = unsafe { libc::geteuid() };
         uid == 0 && std::path::Path::new("/dev/net/tun").exists()
+    }
+
+    #[test]
+    fn a_claim_waits_only_for_claims_on_the_same_names() {
+        let a = vec!["claim-test-a".to_string()];
+        let first = Claim::new(&a);
+        // Other names: at once.
+        drop(Claim::new(&["claim-test-b".to_string()]));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let both = vec!["claim-test-b".to_string(), "claim-test-a".to_string()];
+        let waiter = std::thread::spawn(move || {
+            let _c = Claim::new(&both);
+            tx.send(()).ok();
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a claim on a claimed name went ahead"
+        );
+        drop(first);
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok());
+        waiter.join().expect("waiter");
     }
 
     #[test]
