@@ -142,15 +142,16 @@ impl Templates {
         let _ = self.boot_for(shape);
     }
 
-    /// Forgets a template whose clone could not be restored, so the next
-    /// container of that shape rebuilds it.
-    pub fn invalidate(&self, shape: &VmShape) {
+    /// Forgets a template whose clone could not be restored and builds it
+    /// again in the background; meanwhile containers of that shape boot cold.
+    pub fn invalidate(self: &Arc<Self>, shape: &VmShape) {
         let key = self.key(shape);
         self.states
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         let _ = std::fs::remove_dir_all(self.inputs.root.join(&key));
+        self.prepare(shape);
     }
 
     fn build(&self, key: &str, shape: &VmShape) {

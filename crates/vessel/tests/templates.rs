@@ -192,6 +192,80 @@ fn templates_survive_a_daemon_restart_and_can_be_disabled() {
     );
 }
 
+/// The template directories on disk, by key.
+fn template_keys(d: &Daemon) -> Vec<String> {
+    let mut keys: Vec<String> = std::fs::read_dir(d.data_root().join("templates"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn another_qemu_gets_its_own_template_and_a_failed_restore_boots_cold() {
+    let mut d = Daemon::start_with(&["--warm-vms", "0"]);
+    d.load_busybox(&["busybox:latest"]);
+    wait_for_template(&d);
+    let first = template_keys(&d);
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // The same data root with another QEMU (Debian's, from PATH): the
+    // template of the other build is deleted and one is built for this one.
+    d.kill9();
+    d.restart_with(&["--warm-vms", "0", "--qemu", "qemu-system-x86_64"]);
+    let info = d.ok(&["info", "--format", "{{json .}}"]);
+    assert!(!info.contains("(vessel "), "{info}");
+    assert!(
+        eventually(180, || d.log().matches("VM template ready").count() >= 2),
+        "no template for the other QEMU: {}",
+        d.log()
+    );
+    let second = template_keys(&d);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(first, second, "the other build's template was kept");
+    assert_eq!(
+        d.ok(&["run", "--rm", "busybox", "echo", "clone"]),
+        "clone
+"
+    );
+    assert!(d.log().contains("boot=\"clone\""), "{}", d.log());
+
+    // A template whose saved state no longer loads: the container boots its
+    // kernel instead, the log says why, and the template is rebuilt.
+    let state = d
+        .data_root()
+        .join("templates")
+        .join(&second[0])
+        .join("state");
+    std::fs::write(&state, b"not a device state").expect("spoil the template's state");
+    assert_eq!(
+        d.ok(&["run", "--rm", "busybox", "echo", "cold"]),
+        "cold
+"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("restoring the VM template failed") && log.contains("boot=\"cold\""),
+        "{log}"
+    );
+    assert!(
+        eventually(180, || d.log().matches("VM template ready").count() >= 3),
+        "the template was not rebuilt: {}",
+        d.log()
+    );
+    assert_eq!(
+        d.ok(&["run", "--rm", "busybox", "echo", "again"]),
+        "again
+"
+    );
+    assert_eq!(d.log().matches("boot=\"clone\"").count(), 2, "{}", d.log());
+}
+
 fn wait_for_warm(d: &Daemon, n: usize) {
     assert!(
         eventually(120, || d.log().matches("warm VM ready").count() >= n),

@@ -154,6 +154,12 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Starts the daemon again on the same data root with other flags.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+    }
+
     pub fn host(&self) -> String {
         format!("unix://{}", self.sock.display())
     }
