@@ -92,6 +92,27 @@ fn clones_have_their_own_identity() {
     ]);
     assert!(out.contains("MemTotal"));
     assert_eq!(d.log().matches("boot=\"clone\"").count(), 4, "{}", d.log());
+
+    // Two clones running side by side: each has its own MAC address in the
+    // guest, the one Docker reports (the template's is the same for all).
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            d.ok(&["run", "-d", "busybox", "sleep", "600"])
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let macs: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            let guest = d.ok(&["exec", id, "cat", "/sys/class/net/eth0/address"]);
+            let api = d.ok(&["inspect", "-f", "{{.NetworkSettings.MacAddress}}", id]);
+            assert_eq!(guest.trim(), api.trim(), "{id}");
+            guest.trim().to_string()
+        })
+        .collect();
+    assert_ne!(macs[0], macs[1], "MAC shared between clones");
+    d.ok(&["rm", "-f", &ids[0], &ids[1]]);
 }
 
 /// Busy loops on every host CPU (two per CPU) until dropped.
