@@ -456,3 +456,92 @@ fn an_idle_container_gives_back_its_translated_code_and_keeps_working() {
     d.ok(&["rm", "-f", id]);
     assert!(!d.log().contains("could not release"), "{}", d.log());
 }
+
+/// KiB of `field` (`Shared_Clean:`, `Private_Dirty:`, ...) in process
+/// `pid`'s mapping of `file`.
+fn mapping_kib(pid: &str, file: &std::path::Path, field: &str) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut lines = smaps.lines();
+    let name = file.display().to_string();
+    while let Some(l) = lines.next() {
+        if l.ends_with(&name) {
+            return lines
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {field} for {name}"));
+        }
+    }
+    panic!("{pid} does not map {name}")
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).expect("open");
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("read");
+    hex::encode(h.finalize())
+}
+
+#[test]
+fn clones_share_the_templates_pages_and_keep_their_writes() {
+    let d = Daemon::start_with(&["--warm-vms", "0"]);
+    d.load_busybox(&["busybox:latest"]);
+    wait_for_template(&d);
+    let memory = std::fs::read_dir(d.data_root().join("templates"))
+        .expect("templates")
+        .flatten()
+        .map(|e| e.path().join("memory"))
+        .find(|m| m.exists())
+        .expect("a template memory file");
+    let before = sha256_of(&memory);
+    let start = || {
+        let id = d.ok(&[
+            "run", "-d", "--tmpfs", "/scratch", "busybox", "sleep", "600",
+        ]);
+        let id = id.trim().to_string();
+        let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", &id]);
+        (id, pid.trim().to_string())
+    };
+    let (a, pid_a) = start();
+    let (b, pid_b) = start();
+    // Both QEMUs map the template's memory, and the guest pages neither
+    // has written are the file's, one copy for both (dirty while the page
+    // cache has not written the template back).
+    for pid in [&pid_a, &pid_b] {
+        let shared =
+            mapping_kib(pid, &memory, "Shared_Clean:") + mapping_kib(pid, &memory, "Shared_Dirty:");
+        assert!(
+            shared >= 4096,
+            "{pid} shares only {shared} KiB of the template"
+        );
+    }
+    // What one guest writes is its own: its private pages grow, the
+    // other's do not, and the template is unchanged.
+    let dirty = |pid: &str| mapping_kib(pid, &memory, "Private_Dirty:");
+    let (a0, b0) = (dirty(&pid_a), dirty(&pid_b));
+    d.ok(&[
+        "exec",
+        &a,
+        "dd",
+        "if=/dev/urandom",
+        "of=/scratch/fill",
+        "bs=1M",
+        "count=64",
+    ]);
+    let (a1, b1) = (dirty(&pid_a), dirty(&pid_b));
+    assert!(
+        a1 >= a0 + 60 * 1024,
+        "the writing clone's private pages: {a0} -> {a1} KiB"
+    );
+    assert!(
+        b1 < b0 + 8 * 1024,
+        "the other clone's private pages: {b0} -> {b1} KiB"
+    );
+    assert_eq!(
+        d.ok(&["exec", &b, "ls", "/scratch"]),
+        "",
+        "one clone's files in the other"
+    );
+    assert_eq!(sha256_of(&memory), before, "a clone wrote to the template");
+    d.ok(&["rm", "-f", &a, &b]);
+}
