@@ -48,7 +48,11 @@ apt_opts=(-o "Dir::Etc::SourceList=$work/apt/sources.list" -o "Dir::Etc::SourceP
           -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache::Archives=$work/apt/archives"
           -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache=" -o "APT::Sandbox::User=root")
 apt-get -qq "${apt_opts[@]}" update >&2
-(cd "$work/src" && apt-get -qq "${apt_opts[@]}" source "qemu=$srcver" >&2)
+(cd "$work/src" && apt-get -qq "${apt_opts[@]}" source "qemu=$srcver" >&2) || {
+    echo "cannot fetch Debian's source of qemu $srcver (the installed qemu-system-x86);" \
+         "if the archive has moved on, upgrade it (apt-get install --only-upgrade qemu-system-x86) and run again" >&2
+    exit 1
+}
 src=$(find "$work/src" -mindepth 1 -maxdepth 1 -type d -name 'qemu-*' | head -n1)
 [ -n "$src" ] || { echo "apt did not unpack the QEMU source" >&2; exit 1; }
 cd "$src"
