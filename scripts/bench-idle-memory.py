@@ -23,7 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
-from benchlib import TRIMMED, busybox_image, vessel_engine, wait_for_templates  # noqa: E402
+from benchlib import TRIMMED, busybox_image, stop_all, vessel_engine, wait_for_templates  # noqa: E402
 
 
 def by_mapping(pid):
@@ -102,11 +102,7 @@ def main():
                 if p / n >= 100:
                     print(f"      {k:<34} PSS {p / n / 1024:5.2f} MiB, private dirty {d / n / 1024:5.2f} MiB")
     finally:
-        for e in engines:
-            e.stop()
-        subprocess.run(["pkill", "-9", "-f", tmp])
-        time.sleep(0.5)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(engines, tmp)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
-from benchlib import TRIMMED, Engine, busybox_image, vessel_engine, wait_for_templates  # noqa: E402
+from benchlib import TRIMMED, Engine, busybox_image, stop_all, vessel_engine, wait_for_templates  # noqa: E402
 
 
 def pss_kib(pid):
@@ -224,12 +224,7 @@ def main():
                 e.docker("rm", "-f", *ids[chunk:chunk + 50], check=False)
         print(f"  host memory {avail / 1024:.1f} GiB")
     finally:
-        for e in engines:
-            e.stop()
-        subprocess.run(["pkill", "-9", "-f", tmp])
-        time.sleep(0.5)
-        subprocess.run(["umount", "-R", f"{tmp}/dx"], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(engines, tmp)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "scripts"))
-from benchlib import Engine  # noqa: E402
+from benchlib import Engine, stop_all  # noqa: E402
 
 
 def timed_ns(engine, cid, script):
@@ -96,17 +95,7 @@ def main():
                       f"files {v[2] / d[2]:.2f}")
         print(f"  host: {os.cpu_count()} CPUs; {subprocess.run(['docker', 'info', '--format', '{{.DefaultRuntime}}'], env=engines[0].env, capture_output=True, text=True).stdout.strip()}")
     finally:
-        for e in engines:
-            e.stop()
-        subprocess.run(["pkill", "-9", "-f", tmp])
-        time.sleep(0.5)
-        subprocess.run(["umount", "-R", f"{tmp}/dx"], capture_output=True)
-        # Share mounts of a killed daemon's VMs: detach before deleting.
-        for line in reversed(open("/proc/self/mountinfo").read().splitlines()):
-            mp = line.split(" ")[4]
-            if mp.startswith(tmp):
-                subprocess.run(["umount", "-l", mp], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(engines, tmp)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ root, and the cleanup of what a Vessel daemon leaves on the host by design
 (its bridges and firewall table outlive it, as Docker's networks do)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,3 +96,19 @@ def remove_vessel_networking(bridge):
         if link.get("ifalias") in ("vessel:" + bridge, "vessel-tap:" + bridge):
             subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
     subprocess.run(["nft", "delete", "table", "inet", "vessel_" + bridge], capture_output=True)
+
+
+def stop_all(engines, tmp):
+    """Stops `engines`, kills what is left of their processes (VMs, shims),
+    unmounts what dockerd left under `tmp/dx` and deletes `tmp`."""
+    for e in engines:
+        e.stop()
+    subprocess.run(["pkill", "-9", "-f", tmp], capture_output=True)
+    time.sleep(0.5)
+    subprocess.run(["umount", "-R", f"{tmp}/dx"], capture_output=True)
+    # Share mounts of a killed daemon's VMs: detach before deleting.
+    for line in reversed(open("/proc/self/mountinfo").read().splitlines()):
+        mp = line.split(" ")[4]
+        if mp.startswith(tmp):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
