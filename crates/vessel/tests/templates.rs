@@ -251,8 +251,7 @@ fn another_qemu_gets_its_own_template_and_a_failed_restore_boots_cold() {
     assert_ne!(first, second, "the other build's template was kept");
     assert_eq!(
         d.ok(&["run", "--rm", "busybox", "echo", "clone"]),
-        "clone
-"
+        "clone\n"
     );
     assert!(d.log().contains("boot=\"clone\""), "{}", d.log());
 
@@ -264,11 +263,7 @@ fn another_qemu_gets_its_own_template_and_a_failed_restore_boots_cold() {
         .join(&second[0])
         .join("state");
     std::fs::write(&state, b"not a device state").expect("spoil the template's state");
-    assert_eq!(
-        d.ok(&["run", "--rm", "busybox", "echo", "cold"]),
-        "cold
-"
-    );
+    assert_eq!(d.ok(&["run", "--rm", "busybox", "echo", "cold"]), "cold\n");
     let log = d.log();
     assert!(
         log.contains("restoring the VM template failed") && log.contains("boot=\"cold\""),
@@ -281,8 +276,7 @@ fn another_qemu_gets_its_own_template_and_a_failed_restore_boots_cold() {
     );
     assert_eq!(
         d.ok(&["run", "--rm", "busybox", "echo", "again"]),
-        "again
-"
+        "again\n"
     );
     assert_eq!(d.log().matches("boot=\"clone\"").count(), 2, "{}", d.log());
 }
@@ -382,20 +376,30 @@ fn vm_running(d: &Daemon, pattern: &str) -> bool {
     !out.stdout.is_empty()
 }
 
-/// Resident KiB of QEMU's translated-code buffer (its `tcg-jit` memfd,
-/// writable mapping) in process `pid`.
-fn translated_code_kib(pid: &str) -> u64 {
+/// KiB of `field` (`Rss:`, `Shared_Clean:`, ...) of the first mapping of
+/// process `pid` whose `/proc/PID/smaps` header line `is_it` picks.
+fn smaps_kib(pid: &str, is_it: impl Fn(&str) -> bool, field: &str) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
     let mut lines = smaps.lines();
     while let Some(l) = lines.next() {
-        if l.contains("rw-s") && l.contains("/memfd:tcg-jit") {
+        if is_it(l) {
             return lines
-                .find_map(|l| l.strip_prefix("Rss:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .expect("Rss");
+                .unwrap_or_else(|| panic!("no {field} after {l}"));
         }
     }
-    panic!("no translated-code buffer in {pid}")
+    panic!("no such mapping in {pid}")
+}
+
+/// Resident KiB of QEMU's translated-code buffer (its `tcg-jit` memfd,
+/// writable mapping) in process `pid`.
+fn translated_code_kib(pid: &str) -> u64 {
+    smaps_kib(
+        pid,
+        |l| l.contains("rw-s") && l.contains("/memfd:tcg-jit"),
+        "Rss:",
+    )
 }
 
 #[test]
@@ -460,18 +464,8 @@ fn an_idle_container_gives_back_its_translated_code_and_keeps_working() {
 /// KiB of `field` (`Shared_Clean:`, `Private_Dirty:`, ...) in process
 /// `pid`'s mapping of `file`.
 fn mapping_kib(pid: &str, file: &std::path::Path, field: &str) -> u64 {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
-    let mut lines = smaps.lines();
     let name = file.display().to_string();
-    while let Some(l) = lines.next() {
-        if l.ends_with(&name) {
-            return lines
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or_else(|| panic!("no {field} for {name}"));
-        }
-    }
-    panic!("{pid} does not map {name}")
+    smaps_kib(pid, |l| l.ends_with(&name), field)
 }
 
 fn sha256_of(path: &std::path::Path) -> String {
@@ -487,12 +481,13 @@ fn clones_share_the_templates_pages_and_keep_their_writes() {
     let d = Daemon::start_with(&["--warm-vms", "0"]);
     d.load_busybox(&["busybox:latest"]);
     wait_for_template(&d);
-    let memory = std::fs::read_dir(d.data_root().join("templates"))
-        .expect("templates")
-        .flatten()
-        .map(|e| e.path().join("memory"))
-        .find(|m| m.exists())
-        .expect("a template memory file");
+    let keys = template_keys(&d);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let memory = d
+        .data_root()
+        .join("templates")
+        .join(&keys[0])
+        .join("memory");
     let before = sha256_of(&memory);
     let start = || {
         let id = d.ok(&[
